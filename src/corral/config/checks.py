@@ -1,0 +1,97 @@
+"""Cross-field checks and derived defaults, one small function per concern.
+
+Single-field checks (types, ranges, choices) happen while parsing; what needs two or more
+fields lives here. Every problem is collected and raised together.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from corral.config.fields import IMPLEMENTED_STAGES
+from corral.utils.errors import ConfigError
+
+if TYPE_CHECKING:
+    from corral.config.parse import CorralConfig
+
+# Defaults that depend on the stage: packing is on for pretraining, where documents have no
+# natural boundaries to pad to.
+_PACKING_BY_STAGE = {"pt": True}
+
+
+def check_config(config: CorralConfig) -> None:
+    """Validate combinations of fields and fill derived defaults, in place.
+
+    Raises:
+        ConfigError: every problem found.
+    """
+    problems: list[str] = []
+    for check in (_check_stage, _check_precision, _check_data, _check_method, _check_resume):
+        problems.extend(check(config))
+    if problems:
+        raise ConfigError(problems)
+    _fill_defaults(config)
+
+
+def _check_stage(config: CorralConfig) -> list[str]:
+    stage = config.method.stage
+    if stage not in IMPLEMENTED_STAGES:
+        return [
+            f"stage: '{stage}' is planned but not available in this version of corral; "
+            f"available: {', '.join(IMPLEMENTED_STAGES)}"
+        ]
+    return []
+
+
+def _check_precision(config: CorralConfig) -> list[str]:
+    if config.train.bf16 and config.train.fp16:
+        return ["bf16 and fp16 are mutually exclusive: set at most one to true"]
+    return []
+
+
+def _check_data(config: CorralConfig) -> list[str]:
+    data = config.data
+    problems = []
+    if data.val_size >= 1 and not float(data.val_size).is_integer():
+        problems.append(
+            f"val_size: {data.val_size} is neither a fraction below 1 nor a whole number of examples"
+        )
+    if data.interleave_probs is not None:
+        if data.mix_strategy == "concat":
+            problems.append("interleave_probs is set but mix_strategy is concat; use interleave_under or interleave_over")
+        n_datasets = len(data.dataset or [])
+        if len(data.interleave_probs) != n_datasets:
+            problems.append(
+                f"interleave_probs has {len(data.interleave_probs)} values for {n_datasets} datasets"
+            )
+        if abs(sum(data.interleave_probs) - 1.0) > 1e-6:
+            problems.append(f"interleave_probs must sum to 1, got {sum(data.interleave_probs):g}")
+    return problems
+
+
+def _check_method(config: CorralConfig) -> list[str]:
+    method = config.method
+    problems = []
+    if method.finetuning_type == "freeze" and method.freeze_trainable_layers == 0:
+        problems.append("freeze_trainable_layers: 0 would train nothing; use a positive or negative count")
+    if method.use_dora and method.finetuning_type != "lora":
+        problems.append("use_dora needs finetuning_type: lora")
+    if method.use_rslora and method.finetuning_type != "lora":
+        problems.append("use_rslora needs finetuning_type: lora")
+    return problems
+
+
+def _check_resume(config: CorralConfig) -> list[str]:
+    resume = config.train.resume_from_checkpoint
+    if resume is not None and resume.lower() in ("true", "false"):
+        config.train.resume_from_checkpoint = "true" if resume.lower() == "true" else None
+    return []
+
+
+def _fill_defaults(config: CorralConfig) -> None:
+    if config.data.packing is None:
+        config.data.packing = _PACKING_BY_STAGE.get(config.method.stage, False)
+    if config.method.lora_alpha is None:
+        config.method.lora_alpha = float(2 * config.method.lora_rank)
+    if config.output.output_dir is None:
+        config.output.output_dir = f"saves/{config.method.stage}-{config.method.finetuning_type}"

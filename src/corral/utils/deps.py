@@ -1,0 +1,37 @@
+"""Optional heavy dependencies: one place that knows which extra provides what.
+
+Version ranges live only in pyproject.toml; this module only names the extra.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+from corral.utils.errors import MissingDependencyError
+
+# module name -> (pip extra or package, what it is needed for)
+OPTIONAL = {
+    "llama_cpp": ("corral[llamacpp]", "the llama.cpp backend and GGUF checks"),
+    "vllm": ("vllm", "the vLLM backend (GPU only)"),
+    "bitsandbytes": ("bitsandbytes", "QLoRA (4/8-bit quantised training, GPU only)"),
+    "deepspeed": ("deepspeed", "DeepSpeed multi-GPU training"),
+    "gradio": ("gradio", "the web UI"),
+}
+
+
+def is_available(module: str) -> bool:
+    """True when `module` can be imported (without importing it)."""
+    return importlib.util.find_spec(module) is not None
+
+
+def require(module: str) -> ModuleType:
+    """Import an optional module, or raise an error naming what to install."""
+    if not is_available(module):
+        extra, purpose = OPTIONAL.get(module, (module, "this feature"))
+        raise MissingDependencyError(
+            f"'{module}' is not installed; it is needed for {purpose}. "
+            f"Install it with: pip install '{extra}'"
+        )
+    return importlib.import_module(module)

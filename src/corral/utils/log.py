@@ -1,0 +1,41 @@
+"""Console output. Everything user-facing goes to stderr so `--prompt` stdout stays clean."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+_logger = logging.getLogger("corral")
+
+
+def get_logger() -> logging.Logger:
+    """The corral logger, writing `corral: message` lines to stderr."""
+    if not _logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[corral] %(message)s"))
+        _logger.addHandler(handler)
+        _logger.setLevel(logging.INFO)
+        _logger.propagate = False
+    return _logger
+
+
+def quiet_libraries() -> None:
+    """Silence the progress bars and chatter of transformers/datasets that users did not ask for."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        import datasets
+
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
