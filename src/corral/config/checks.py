@@ -58,7 +58,9 @@ def _check_data(config: CorralConfig) -> list[str]:
         )
     if data.interleave_probs is not None:
         if data.mix_strategy == "concat":
-            problems.append("interleave_probs is set but mix_strategy is concat; use interleave_under or interleave_over")
+            problems.append(
+                "interleave_probs is set but mix_strategy is concat; use interleave_under or interleave_over"
+            )
         n_datasets = len(data.dataset or [])
         if len(data.interleave_probs) != n_datasets:
             problems.append(
@@ -73,7 +75,9 @@ def _check_method(config: CorralConfig) -> list[str]:
     method = config.method
     problems = []
     if method.finetuning_type == "freeze" and method.freeze_trainable_layers == 0:
-        problems.append("freeze_trainable_layers: 0 would train nothing; use a positive or negative count")
+        problems.append(
+            "freeze_trainable_layers: 0 would train nothing; use a positive or negative count"
+        )
     if method.use_dora and method.finetuning_type != "lora":
         problems.append("use_dora needs finetuning_type: lora")
     if method.use_rslora and method.finetuning_type != "lora":

@@ -75,13 +75,16 @@ class ModelConfig:
         "Attention kernel: auto, sdpa, eager, fa2 (flash-attention 2, GPU only).",
         choices=("auto", "sdpa", "eager", "fa2"),
     )
-    trust_remote_code: bool = opt(False, "Allow model code from the hub (only for models you trust).")
+    trust_remote_code: bool = opt(
+        False, "Allow model code from the hub (only for models you trust)."
+    )
 
 
 @dataclass
 class DataConfig:
     dataset: list[str] | None = opt(
-        None, "Training datasets: names in dataset_dir/dataset_info.json or file paths, comma-separated."
+        None,
+        "Training datasets: names in dataset_dir/dataset_info.json or file paths, comma-separated.",
     )
     eval_dataset: list[str] | None = opt(None, "Validation datasets, same syntax as `dataset`.")
     dataset_dir: str = opt("data", "Folder holding dataset_info.json and the data files it names.")
@@ -104,7 +107,9 @@ class DataConfig:
         "Pack several examples into one row with block-diagonal attention. Empty: on for pt, "
         "off otherwise.",
     )
-    train_on_prompt: bool = opt(False, "Also train on prompt tokens (default: assistant turns only).")
+    train_on_prompt: bool = opt(
+        False, "Also train on prompt tokens (default: assistant turns only)."
+    )
     mask_history: bool = opt(False, "Train only on the last assistant turn of each conversation.")
     preprocessing_num_workers: int | None = opt(
         None, "Processes used to tokenise datasets (empty: one).", ge=1
@@ -118,9 +123,13 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    stage: str = opt("sft", "Training stage: pt (continued pretraining) or sft.", choices=ALL_STAGES)
+    stage: str = opt(
+        "sft", "Training stage: pt (continued pretraining) or sft.", choices=ALL_STAGES
+    )
     finetuning_type: str = opt(
-        "lora", "What is trained: full, freeze (last layers) or lora.", choices=("full", "freeze", "lora")
+        "lora",
+        "What is trained: full, freeze (last layers) or lora.",
+        choices=("full", "freeze", "lora"),
     )
     freeze_trainable_layers: int = opt(
         2, "freeze: number of last (positive) or first (negative) decoder blocks to train."
@@ -149,11 +158,15 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    per_device_train_batch_size: int = opt(4, "Examples (or packed rows) per device per step.", ge=1)
+    per_device_train_batch_size: int = opt(
+        4, "Examples (or packed rows) per device per step.", ge=1
+    )
     per_device_eval_batch_size: int = opt(4, "Examples per device per validation step.", ge=1)
     gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated per optimizer step.", ge=1)
     learning_rate: float = opt(1e-4, "Peak learning rate.", gt=0)
-    num_train_epochs: float = opt(3.0, "Epochs over the training data (ignored when max_steps > 0).", gt=0)
+    num_train_epochs: float = opt(
+        3.0, "Epochs over the training data (ignored when max_steps > 0).", gt=0
+    )
     max_steps: int = opt(-1, "Total optimizer steps; -1 means use num_train_epochs.", ge=-1)
     lr_scheduler_type: str = opt("cosine", "Learning-rate schedule.", choices=SCHEDULERS)
     warmup_ratio: float = opt(0.0, "Fraction of steps for linear warm-up.", ge=0, le=1)
@@ -163,7 +176,9 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(
         False, "Recompute activations in the backward pass to save memory (slower)."
     )
-    eval_steps: int | None = opt(None, "Validation every N steps when a validation set exists.", ge=1)
+    eval_steps: int | None = opt(
+        None, "Validation every N steps when a validation set exists.", ge=1
+    )
     seed: int = opt(42, "Random seed for data order, splits and initialisation.")
     bf16: bool = opt(False, "Train in bfloat16 mixed precision (GPU).")
     fp16: bool = opt(False, "Train in float16 mixed precision (GPU).")
@@ -195,7 +210,9 @@ class OutputConfig:
 class GenerationConfig:
     max_new_tokens: int = opt(512, "Maximum tokens generated per reply.", ge=1)
     temperature: float = opt(0.7, "Sampling temperature; 0 means greedy decoding.", ge=0)
-    top_p: float = opt(0.9, "Nucleus sampling: keep the smallest set of tokens with this mass.", gt=0, le=1)
+    top_p: float = opt(
+        0.9, "Nucleus sampling: keep the smallest set of tokens with this mass.", gt=0, le=1
+    )
     top_k: int = opt(50, "Sample among the k most likely tokens (0 disables).", ge=0)
     repetition_penalty: float = opt(1.0, "Penalty for repeating tokens (1.0 disables).", gt=0)
     generation_seed: int | None = opt(None, "Seed for sampling (empty: not seeded).")

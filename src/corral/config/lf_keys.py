@@ -7,29 +7,7 @@ A LLaMA-Factory YAML runs unchanged: these keys produce one warning listing them
 from __future__ import annotations
 
 LLAMAFACTORY_KEYS = frozenset(
-    """
-    adapter_folder cache_dir use_fast_tokenizer resize_vocab split_special_tokens add_tokens
-    add_special_tokens new_special_tokens model_revision low_cpu_mem_usage rope_scaling shift_attn
-    mixture_of_depths use_unsloth use_unsloth_gc enable_liger_kernel moe_aux_loss_coef
-    use_reentrant_gc upcast_layernorm upcast_lmhead_output train_from_scratch infer_backend
-    offload_folder use_cache hf_hub_token ms_hub_token om_hub_token print_param_status
-    quantization_method quantization_bit quantization_type double_quantization
-    quantization_device_map compute_dtype device_map model_max_length block_diag_attn
-    streaming buffer_size preprocessing_batch_size eval_num_beams ignore_pad_token_for_loss
-    eval_on_each_dataset neat_packing tool_format enable_thinking tokenized_path media_dir
-    data_shared_file_system
-    pure_bf16 use_llama_pro use_adam_mini use_muon freeze_vision_tower
-    freeze_multi_modal_projector freeze_language_model compute_accuracy disable_shuffling
-    early_stopping_steps include_effective_tokens_per_second loraplus_lr_ratio
-    loraplus_lr_embedding pissa_init pissa_iter pissa_convert create_new_adapter pref_beta
-    pref_ftx pref_loss dpo_label_smoothing kto_chosen_weight kto_rejected_weight simpo_gamma
-    ppo_buffer_size ppo_epochs ppo_score_norm ppo_target ppo_whiten_rewards ref_model
-    ref_model_adapters ref_model_quantization_bit reward_model reward_model_adapters
-    reward_model_quantization_bit reward_model_type ld_alpha use_galore use_apollo use_badam
-    use_swanlab num_beams max_length length_penalty skip_special_tokens
-    task task_dir batch_size lang n_shot save_dir download_mode
-    do_train do_eval do_predict predict_with_generate
-    """.split()
+    ["adapter_folder", "cache_dir", "use_fast_tokenizer", "resize_vocab", "split_special_tokens", "add_tokens", "add_special_tokens", "new_special_tokens", "model_revision", "low_cpu_mem_usage", "rope_scaling", "shift_attn", "mixture_of_depths", "use_unsloth", "use_unsloth_gc", "enable_liger_kernel", "moe_aux_loss_coef", "use_reentrant_gc", "upcast_layernorm", "upcast_lmhead_output", "train_from_scratch", "infer_backend", "offload_folder", "use_cache", "hf_hub_token", "ms_hub_token", "om_hub_token", "print_param_status", "quantization_method", "quantization_bit", "quantization_type", "double_quantization", "quantization_device_map", "compute_dtype", "device_map", "model_max_length", "block_diag_attn", "streaming", "buffer_size", "preprocessing_batch_size", "eval_num_beams", "ignore_pad_token_for_loss", "eval_on_each_dataset", "neat_packing", "tool_format", "enable_thinking", "tokenized_path", "media_dir", "data_shared_file_system", "pure_bf16", "use_llama_pro", "use_adam_mini", "use_muon", "freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model", "compute_accuracy", "disable_shuffling", "early_stopping_steps", "include_effective_tokens_per_second", "loraplus_lr_ratio", "loraplus_lr_embedding", "pissa_init", "pissa_iter", "pissa_convert", "create_new_adapter", "pref_beta", "pref_ftx", "pref_loss", "dpo_label_smoothing", "kto_chosen_weight", "kto_rejected_weight", "simpo_gamma", "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target", "ppo_whiten_rewards", "ref_model", "ref_model_adapters", "ref_model_quantization_bit", "reward_model", "reward_model_adapters", "reward_model_quantization_bit", "reward_model_type", "ld_alpha", "use_galore", "use_apollo", "use_badam", "use_swanlab", "num_beams", "max_length", "length_penalty", "skip_special_tokens", "task", "task_dir", "batch_size", "lang", "n_shot", "save_dir", "download_mode", "do_train", "do_eval", "do_predict", "predict_with_generate"]
 )
 
 # Families of LLaMA-Factory keys that share a prefix (galore_rank, vllm_maxlen, export_dir, ...).

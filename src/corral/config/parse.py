@@ -142,7 +142,8 @@ def build_config(raw: dict[str, Any]) -> CorralConfig:
     config = CorralConfig(**{g: GROUPS[g](**values[g]) for g in GROUPS})
     if unsupported:
         config.notes.append(
-            "ignoring LLaMA-Factory keys corral does not support yet: " + ", ".join(sorted(unsupported))
+            "ignoring LLaMA-Factory keys corral does not support yet: "
+            + ", ".join(sorted(unsupported))
         )
     check_config(config)
     return config

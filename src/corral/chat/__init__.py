@@ -1,0 +1,1 @@
+"""`corral chat`: the terminal front end of the chat engine."""

@@ -1,0 +1,1 @@
+"""One inference engine under `chat`, `serve`, `eval` and the web UI."""

@@ -1,0 +1,119 @@
+"""What gets trained: full, freeze or LoRA (DoRA / rsLoRA), chosen in one function.
+
+QLoRA will be LoRA on a quantised base (a quantisation config at load time), not a new path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from corral.config.fields import MethodConfig
+from corral.utils.errors import ConfigError, ModelError
+from corral.utils.log import get_logger
+
+
+def apply_method(model: Any, method: MethodConfig, adapters: list[str] | None = None) -> Any:
+    """Make the right parameters trainable and return the model to train.
+
+    Args:
+        model: the loaded base model (adapters not merged).
+        method: the finetuning settings.
+        adapters: existing adapter folders; with LoRA all but the last are merged into the base
+            and the last one continues training; with full/freeze they are all merged.
+
+    Returns:
+        The model to train (a `PeftModel` for LoRA).
+    """
+    if adapters:
+        keep_last = method.finetuning_type == "lora"
+        model = _merge_adapters(model, adapters[:-1] if keep_last else adapters)
+    if method.finetuning_type == "lora":
+        model = _attach_lora(model, method, adapters[-1] if adapters else None)
+    elif method.finetuning_type == "freeze":
+        _freeze_all_but(model, _freeze_trainable_names(model, method))
+    else:
+        model.requires_grad_(True)
+    _log_trainable(model)
+    return model
+
+
+def _merge_adapters(model: Any, adapters: list[str]) -> Any:
+    from peft import PeftModel
+
+    for path in adapters:
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    return model
+
+
+def lora_target_modules(model: Any, targets: list[str]) -> list[str] | str:
+    """Resolve `lora_target` to peft's form, checking names against the model's modules."""
+    if targets == ["all"]:
+        return "all-linear"  # peft: every linear layer except the output head
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"}
+        )
+        raise ConfigError(
+            [
+                f"lora_target: {', '.join(missing)} not found in the model; linear layers: {', '.join(linear)}"
+            ]
+        )
+    return targets
+
+
+def _attach_lora(model: Any, method: MethodConfig, resume_adapter: str | None) -> Any:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if resume_adapter:
+        return PeftModel.from_pretrained(model, resume_adapter, is_trainable=True)
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=method.lora_rank,
+        lora_alpha=method.lora_alpha,
+        lora_dropout=method.lora_dropout,
+        target_modules=lora_target_modules(model, method.lora_target),
+        modules_to_save=method.additional_target,
+        use_dora=method.use_dora,
+        use_rslora=method.use_rslora,
+    )
+    return get_peft_model(model, config)
+
+
+def _freeze_trainable_names(model: Any, method: MethodConfig) -> list[str]:
+    """Parameter-name prefixes to train: the chosen blocks' modules plus extra modules."""
+    n_layers = model.config.num_hidden_layers
+    count = method.freeze_trainable_layers
+    if abs(count) > n_layers:
+        raise ConfigError(
+            [f"freeze_trainable_layers: {count}, but the model has {n_layers} layers"]
+        )
+    layers = range(n_layers - count, n_layers) if count > 0 else range(-count)
+    modules = method.freeze_trainable_modules
+    prefixes = []
+    for index in layers:
+        block = f"model.layers.{index}."
+        prefixes += [block] if modules == ["all"] else [f"{block}{m}." for m in modules]
+    prefixes += [f"{m}." for m in method.freeze_extra_modules or []]
+    return prefixes
+
+
+def _freeze_all_but(model: Any, prefixes: list[str]) -> None:
+    matched = set()
+    for name, param in model.named_parameters():
+        hit = next((p for p in prefixes if name.startswith(p) or f".{p}" in f".{name}"), None)
+        param.requires_grad_(hit is not None)
+        if hit:
+            matched.add(hit)
+    unmatched = [p.rstrip(".") for p in prefixes if p not in matched]
+    if unmatched:
+        raise ModelError(f"freeze: no parameters match {', '.join(unmatched)}")
+
+
+def _log_trainable(model: Any) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    get_logger().info(
+        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+    )

@@ -1,0 +1,1 @@
+"""Training: the stage table, shared trainer machinery, and one short module per stage."""

@@ -1,0 +1,111 @@
+"""Causal-LM loss computed only where labels exist, without the full logits tensor.
+
+The vocabulary-sized logits dominate memory at small model sizes (4 x 512 x 49,152 floats is
+400 MB for SmolLM2) and most of them belong to prompt tokens that are never trained. We select
+the positions that have a label, then run the LM head and cross-entropy chunk by chunk; the
+gradient of each chunk is computed in the forward pass (the loss is the last node of the graph),
+so no chunk's logits outlive its loop iteration and nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+CHUNK_TOKENS = 2048  # ~400 MB of fp32 logits at a 49k vocabulary: bounded, large enough to be fast
+
+
+def causal_lm_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: Any,
+    num_items: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum of next-token cross-entropy over labelled positions, divided by `num_items`.
+
+    Args:
+        hidden: (batch, seq, hidden) final hidden states.
+        labels: (batch, seq) aligned with the inputs (the model shifts), -100 where untrained.
+        head: the output projection (`model.get_output_embeddings()`).
+        num_items: the normaliser: labelled tokens across the whole (accumulated) batch, so that
+            gradient accumulation gives the same gradients as one large batch. Defaults to this
+            batch's labelled tokens.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    selected = hidden[:, :-1][mask]
+    targets = targets[mask]
+    denominator = num_items if num_items is not None else max(int(targets.numel()), 1)
+    weight = _plain_linear_weight(head)
+    if weight is None:  # a head that is not a plain bias-free linear (e.g. with LoRA on it)
+        return _chunked_loss(selected, targets, head) / denominator
+    return _FusedLinearCrossEntropy.apply(selected, weight, targets, torch.as_tensor(denominator))
+
+
+def _plain_linear_weight(head: Any) -> torch.Tensor | None:
+    active = head
+    # peft keeps a trainable copy of modules in `modules_to_save`; use the active copy.
+    if hasattr(head, "modules_to_save") and hasattr(head, "active_adapter"):
+        adapter = head.active_adapter
+        adapter = adapter[0] if isinstance(adapter, list | tuple) else adapter
+        active = (
+            head.modules_to_save[adapter]
+            if adapter in head.modules_to_save
+            else head.original_module
+        )
+    if type(active) is torch.nn.Linear and active.bias is None:
+        return active.weight
+    return None
+
+
+def _chunked_loss(selected: torch.Tensor, targets: torch.Tensor, head: Any) -> torch.Tensor:
+    total = selected.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), CHUNK_TOKENS):
+        logits = head(selected[start : start + CHUNK_TOKENS]).float()
+        total = total + F.cross_entropy(
+            logits, targets[start : start + CHUNK_TOKENS], reduction="sum"
+        )
+    return total
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """loss = sum CE(h @ W.T, y) / n, with dL/dh and dL/dW computed chunk-wise in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, denominator):  # noqa: D102 - autograd API
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, targets.numel(), CHUNK_TOKENS):
+                h = hidden[start : start + CHUNK_TOKENS]
+                y = targets[start : start + CHUNK_TOKENS]
+                logits = (h.to(weight.dtype) @ weight.t()).float()
+                log_z = torch.logsumexp(logits, dim=-1)
+                total += (log_z - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                if not (need_h or need_w):
+                    continue
+                # d(sum CE)/d(logits) = softmax - one_hot, computed in place to save memory.
+                grad_logits = logits.sub_(log_z[:, None]).exp_()
+                grad_logits[torch.arange(y.numel(), device=y.device), y] -= 1
+                grad_logits = grad_logits.to(weight.dtype)
+                if need_h:
+                    grad_hidden[start : start + CHUNK_TOKENS] = grad_logits @ weight
+                if need_w:
+                    grad_weight += grad_logits.t().float() @ h.float()
+        scale = 1.0 / denominator.to(torch.float32)
+        ctx.save_for_backward(grad_hidden, grad_weight, scale)
+        ctx.weight_dtype = weight.dtype
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102 - autograd API
+        grad_hidden, grad_weight, scale = ctx.saved_tensors
+        factor = grad_output * scale
+        dh = grad_hidden * factor.to(grad_hidden.dtype) if grad_hidden is not None else None
+        dw = (grad_weight * factor).to(ctx.weight_dtype) if grad_weight is not None else None
+        return dh, dw, None, None

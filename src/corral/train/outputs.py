@@ -1,0 +1,68 @@
+"""The output folder: refuse to clobber work, find checkpoints to resume, save what describes a run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from corral.config import CorralConfig
+from corral.model.artifacts import write_run_info
+from corral.utils.errors import CorralError
+
+CONFIG_FILE = "corral_config.yaml"
+
+
+def prepare_output_dir(config: CorralConfig) -> str | None:
+    """Create output_dir, refusing a non-empty one unless overwriting or resuming.
+
+    Returns:
+        The checkpoint folder to resume from, or None for a fresh run.
+    """
+    out = Path(config.output.output_dir)
+    resume = config.train.resume_from_checkpoint
+    if resume is not None:
+        return _checkpoint_to_resume(out, resume)
+    if out.is_dir() and any(out.iterdir()):
+        if not config.output.overwrite_output_dir:
+            raise CorralError(
+                f"output_dir '{out}' is not empty; set overwrite_output_dir=true to replace it, "
+                "resume_from_checkpoint=true to continue it, or choose another output_dir"
+            )
+        if (out / CONFIG_FILE).is_file():  # only ever delete what corral itself wrote
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def _checkpoint_to_resume(out: Path, resume: str) -> str:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume == "true":
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None:
+            raise CorralError(
+                f"resume_from_checkpoint=true but '{out}' holds no checkpoint-N folder"
+            )
+        return last
+    if not Path(resume).is_dir():
+        raise CorralError(f"resume_from_checkpoint: checkpoint folder '{resume}' does not exist")
+    return resume
+
+
+def save_final(
+    trainer: Any, config: CorralConfig, base_model: str, template_name: str | None
+) -> None:
+    """Save the model or adapter with its tokenizer, template, config and run info."""
+    out = config.output.output_dir
+    trainer.save_model(out)  # safetensors + tokenizer (whose chat_template is the trained one)
+    trainer.save_state()
+    config.save(Path(out) / CONFIG_FILE)
+    write_run_info(
+        out,
+        base_model=base_model,
+        template=template_name,
+        stage=config.method.stage,
+        finetuning_type=config.method.finetuning_type,
+        datasets=config.data.dataset,
+    )

@@ -1,0 +1,40 @@
+"""The stage table: what each training stage needs, as facts the lower layers receive.
+
+Lower layers never compare stage names: the data layer gets `dataset_kind`, the trainer gets
+the stage's hooks. Adding rm/dpo/kto/ppo means adding a row (and a short module), not editing
+`if stage == ...` branches across the code base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage.
+
+    Attributes:
+        name: the `stage` config value.
+        dataset_kind: which processor turns records into tensors ("lm", "conversation"; later
+            "preference", "unpaired_preference", "prompt").
+        needs_reference_model: whether a frozen copy of the model is loaded (dpo, kto, ppo).
+        needs_value_head: whether the model gets a scalar head (rm, ppo).
+        after_training: checks run on the tuned model, returning metrics for train_results.json.
+    """
+
+    name: str
+    dataset_kind: str
+    needs_reference_model: bool = False
+    needs_value_head: bool = False
+    after_training: Callable[..., dict[str, Any]] | None = None
+
+
+def get_stage(name: str) -> Stage:
+    """The table row for a stage (the config layer has already rejected unknown names)."""
+    from corral.train import pt, sft
+
+    table = {stage.name: stage for stage in (pt.STAGE, sft.STAGE)}
+    return table[name]

@@ -1,0 +1,111 @@
+"""The one trainer every stage shares: Hugging Face's Trainer with corral's loss and meters.
+
+Optimizer, scheduler, sampler, checkpointing, resume and distributed launch are the Trainer's;
+corral adds the label-only fused LM loss, real-token accounting and its callbacks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from corral.config import CorralConfig
+from corral.train.loss import causal_lm_loss
+
+
+@dataclass
+class TokenMeter:
+    """Counts what the model actually processed, for tokens/s that ignore padding."""
+
+    real_tokens: int = 0  # non-padding tokens the model attended over
+    trained_tokens: int = 0  # tokens with a label (what the loss is computed on)
+    started: float = field(default_factory=time.perf_counter)
+
+    def tokens_per_second(self) -> float:
+        return self.real_tokens / max(time.perf_counter() - self.started, 1e-9)
+
+
+def training_arguments(config: CorralConfig, *, has_eval: bool) -> TrainingArguments:
+    """Translate corral's config into the Trainer's arguments (the only place that does)."""
+    train, out = config.train, config.output
+    warmup = train.warmup_steps if train.warmup_steps > 0 else train.warmup_ratio
+    eval_steps = train.eval_steps or out.logging_steps * 10
+    return TrainingArguments(
+        output_dir=out.output_dir,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_eval_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps,
+        lr_scheduler_type=train.lr_scheduler_type,
+        warmup_steps=warmup,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+        if train.gradient_checkpointing
+        else None,
+        seed=train.seed,
+        data_seed=train.seed,
+        bf16=train.bf16,
+        fp16=train.fp16,
+        logging_steps=out.logging_steps,
+        save_steps=out.save_steps,
+        save_total_limit=out.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None,
+        report_to=[] if out.report_to == ["none"] else out.report_to,
+        dataloader_num_workers=train.dataloader_num_workers,
+        # Unpacked rows of similar length share a batch, so little compute goes to padding.
+        train_sampling_strategy="random" if config.data.packing else "group_by_length",
+        remove_unused_columns=False,
+        disable_tqdm=True,  # corral's own progress display replaces tqdm
+        use_cpu=config.model.device == "cpu",
+    )
+
+
+class CorralTrainer(Trainer):
+    """`Trainer` whose loss runs the LM head only on labelled positions."""
+
+    def __init__(self, *args: Any, meter: TokenMeter, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.meter = meter
+        # Our loss divides by the labelled tokens of the whole accumulated batch (the Trainer's
+        # num_items_in_batch), so the Trainer must neither skip counting nor divide by GA again.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
+        inputs = dict(inputs)
+        real_tokens = inputs.pop("num_real_tokens", None)
+        inputs.pop("length", None)
+        labels = inputs["labels"]
+        if hasattr(model, "get_decoder"):
+            inputs.pop("labels")
+            hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+            loss = causal_lm_loss(hidden, labels, model.get_output_embeddings(), num_items_in_batch)
+        else:
+            # Wrapped for distributed training (DDP/FSDP): the forward must go through the
+            # wrapper for gradient synchronisation, so use the model's own loss.
+            loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            self.meter.trained_tokens += int((labels[:, 1:] != -100).sum())
+            self.meter.real_tokens += (
+                int(real_tokens) if real_tokens is not None else labels.numel()
+            )
+        return (loss, None) if return_outputs else loss
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory of this process (and of the GPU), in MB."""
+    import resource
+
+    peak = {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        peak["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak

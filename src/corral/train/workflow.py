@@ -1,0 +1,125 @@
+"""`run_training`: the one training workflow every stage goes through.
+
+load model -> template -> dataset (cached) -> method (full/freeze/lora) -> Trainer
+-> train (resumable, Ctrl-C safe) -> save model + tokenizer + template + run info
+-> the stage's after-training checks -> train_results.json, loss plot
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from corral.config import CorralConfig
+from corral.data.collator import Collator
+from corral.data.dataset import build_dataset
+from corral.data.processors import format_summary
+from corral.data.templates import get_template
+from corral.model.adapters import apply_method
+from corral.model.load import load_model, resolve_base_for_adapters
+from corral.train.callbacks import InterruptCallback, JsonlLogCallback, ProgressCallback
+from corral.train.outputs import CONFIG_FILE, prepare_output_dir, save_final
+from corral.train.plot import plot_loss
+from corral.train.stages import get_stage
+from corral.train.trainer import CorralTrainer, TokenMeter, peak_memory, training_arguments
+from corral.utils.log import get_logger, quiet_libraries
+
+
+@dataclass
+class RunContext:
+    """What a stage's after-training checks may look at."""
+
+    config: CorralConfig
+    model: Any
+    tokenizer: Any
+    train_records: list
+    eval_records: list
+
+
+def run_training(config: CorralConfig) -> dict[str, Any]:
+    """Train according to `config`; returns the metrics written to train_results.json."""
+    log = get_logger()
+    quiet_libraries()
+    stage = get_stage(config.method.stage)
+    resume = prepare_output_dir(config)
+    for note in config.notes:
+        log.warning(note)
+    log.info("resolved config:\n" + config.to_yaml().rstrip())
+    config.save(Path(config.output.output_dir) / CONFIG_FILE)
+
+    model_config = resolve_base_for_adapters(config.model)
+    model, tokenizer = load_model(model_config, for_training=True)
+    template = get_template(model_config.template, tokenizer)
+    tokenizer.chat_template = template.jinja  # saved with every checkpoint: serve what we trained
+    data = build_dataset(
+        config.data, tokenizer, template, kind=stage.dataset_kind, seed=config.train.seed
+    )
+    log.info("dataset summary:\n" + format_summary(data.stats))
+    model = apply_method(model, config.method, model_config.adapter_name_or_path)
+
+    meter = TokenMeter()
+    interrupt = InterruptCallback()
+    trainer = CorralTrainer(
+        model=model,
+        args=training_arguments(config, has_eval=data.eval is not None),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=Collator(pad_token_id=_pad_id(tokenizer)),
+        processing_class=tokenizer,
+        callbacks=[ProgressCallback(meter), JsonlLogCallback(), interrupt],
+        meter=meter,
+    )
+    _remove_tqdm_callbacks(trainer)
+    result = trainer.train(resume_from_checkpoint=resume)
+    if interrupt.interrupted:
+        log.warning(
+            f"stopped at step {trainer.state.global_step}; checkpoint saved in "
+            f"{config.output.output_dir}. Resume with resume_from_checkpoint=true"
+        )
+        raise KeyboardInterrupt
+    return _finish(config, trainer, result, meter, stage, model_config, template, data)
+
+
+def _finish(config, trainer, result, meter, stage, model_config, template, data) -> dict[str, Any]:
+    save_final(
+        trainer,
+        config,
+        model_config.model_name_or_path,
+        None if template.name == "tokenizer" else template.name,
+    )
+    metrics = dict(result.metrics)
+    metrics.update(
+        real_tokens_per_second=round(meter.tokens_per_second(), 2),
+        real_tokens=meter.real_tokens,
+        trained_tokens=meter.trained_tokens,
+        **peak_memory(),
+    )
+    if stage.after_training is not None:
+        trainer.model.eval()
+        context = RunContext(
+            config, trainer.model, trainer.processing_class, data.train_records, data.eval_records
+        )
+        metrics.update(stage.after_training(context))
+    trainer.save_metrics("train", metrics, combined=False)
+    if config.output.plot_loss:
+        plot_loss(trainer.state.log_history, config.output.output_dir)
+    get_logger().info(
+        f"done: {config.output.output_dir} — train_loss {metrics.get('train_loss', float('nan')):.4f}, "
+        f"{metrics['real_tokens_per_second']:.0f} real tokens/s, peak {metrics['peak_memory_mb']:.0f} MB"
+    )
+    return metrics
+
+
+def _pad_id(tokenizer: Any) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id
+
+
+def _remove_tqdm_callbacks(trainer: CorralTrainer) -> None:
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import ProgressCallback as HFProgress
+
+    for callback in (HFProgress, PrinterCallback):
+        trainer.remove_callback(callback)
