@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "corral"
 
 LAYERS = {
     "cli": 7,
-    "__main__": 7,
+    "__main__": 8,  # python -m corral: above the CLI it starts
     "serve": 6,
     "webui": 6,
     "train": 5,
