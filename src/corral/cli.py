@@ -17,6 +17,11 @@ from corral.utils.suggest import did_you_mean
 
 # name -> (module, one-line help). Order is the order shown in --help.
 COMMANDS = {
+    "quickstart": (
+        "corral.train.quickstart",
+        "Tune the default model on the built-in identity data and show before/after.",
+    ),
+    "train": ("corral.train.command", "Train a model: CONFIG.yaml and/or key=value overrides."),
     "chat": ("corral.chat.command", "Chat with a model in the terminal (streaming)."),
     "version": (
         "corral.utils.versions",

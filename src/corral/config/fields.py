@@ -173,6 +173,11 @@ class TrainConfig:
     warmup_steps: int = opt(0, "Warm-up steps (overrides warmup_ratio when > 0).", ge=0)
     weight_decay: float = opt(0.0, "AdamW weight decay.", ge=0)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).", ge=0)
+    optim: str = opt(
+        "adamw_torch",
+        "Optimizer (Hugging Face names).",
+        choices=("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop"),
+    )
     gradient_checkpointing: bool = opt(
         False, "Recompute activations in the backward pass to save memory (slower)."
     )

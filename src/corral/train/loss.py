@@ -51,8 +51,9 @@ def _plain_linear_weight(head: Any) -> torch.Tensor | None:
     if hasattr(head, "modules_to_save") and hasattr(head, "active_adapter"):
         adapter = head.active_adapter
         adapter = adapter[0] if isinstance(adapter, list | tuple) else adapter
+        # nn.ModuleDict has no .get()
         active = (
-            head.modules_to_save[adapter]
+            head.modules_to_save[adapter]  # noqa: SIM401
             if adapter in head.modules_to_save
             else head.original_module
         )

@@ -46,6 +46,7 @@ def training_arguments(config: CorralConfig, *, has_eval: bool) -> TrainingArgum
         warmup_steps=warmup,
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
+        optim=train.optim,
         gradient_checkpointing=train.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}
         if train.gradient_checkpointing

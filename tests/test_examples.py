@@ -1,0 +1,46 @@
+"""Every shipped example config is valid, and quickstart.yaml is what `corral quickstart` runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from corral.config import load_config
+from corral.train.quickstart import quickstart_config_path
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+
+
+def test_examples_exist():
+    names = {p.name for p in EXAMPLES}
+    assert {
+        "quickstart.yaml",
+        "sft_lora_alpaca.yaml",
+        "sft_full.yaml",
+        "sft_freeze.yaml",
+        "pt_wiki.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_is_valid_and_fully_supported(path):
+    config = load_config(path)
+    assert config.notes == []  # every key is one corral uses
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_datasets_resolve(path, shared_dir, monkeypatch):
+    from corral.data.registry import resolve_datasets
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # examples name ../shared from the root
+    config = load_config(path)
+    specs = resolve_datasets(config.data.dataset, config.data.dataset_dir)
+    assert all(spec.path is not None and Path(spec.path).exists() for spec in specs)
+
+
+def test_quickstart_example_is_the_packaged_config():
+    packaged = Path(quickstart_config_path()).read_text()
+    assert (
+        Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
+    ).read_text() == packaged

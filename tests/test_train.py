@@ -1,0 +1,230 @@
+"""Training on a tiny random Llama: loss falls, the right parameters change, gradient
+accumulation and resume are exact, outputs describe themselves and reload without corral."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from corral.config import load_config
+from corral.train import callbacks
+from corral.train.workflow import run_training
+from corral.utils.errors import CorralError
+
+QA = [
+    ("What colour is the sky?", "The sky is blue."),
+    ("What is two plus two?", "Two plus two is four."),
+    ("Name a fruit.", "An apple is a fruit."),
+    ("What do cows say?", "Cows say moo."),
+    ("Where do fish live?", "Fish live in water."),
+    ("What is ice?", "Ice is frozen water."),
+    ("How many legs does a cat have?", "A cat has four legs."),
+    ("What is the opposite of hot?", "The opposite of hot is cold."),
+]
+
+
+@pytest.fixture
+def sft_file(tmp_path) -> Path:
+    path = tmp_path / "qa.json"
+    rows = [{"instruction": q, "input": "", "output": a} for q, a in QA]
+    path.write_text(json.dumps(rows))
+    return path
+
+
+@pytest.fixture
+def pt_file(tmp_path) -> Path:
+    path = tmp_path / "docs.txt"
+    path.write_text("\n".join(f"{q} {a}" for q, a in QA * 2) + "\n")
+    return path
+
+
+def _config(tiny_llama_dir, data_file, out, *extra: str):
+    return load_config(
+        None,
+        [
+            f"model_name_or_path={tiny_llama_dir}",
+            f"dataset={data_file}",
+            f"output_dir={out}",
+            "template=chatml",
+            "cutoff_len=64",
+            "per_device_train_batch_size=4",
+            "learning_rate=3e-3",
+            "lr_scheduler_type=constant",
+            "logging_steps=5",
+            "save_steps=1000",
+            "stop_check_samples=0",
+            "seed=0",
+            *extra,
+        ],
+    )
+
+
+def _losses(out: Path) -> list[float]:
+    lines = (out / callbacks.LOG_FILE).read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+
+
+@pytest.mark.parametrize(
+    ("stage", "method"),
+    [("sft", "lora"), ("sft", "full"), ("sft", "freeze"), ("pt", "lora"), ("pt", "full")],
+)
+def test_loss_falls_over_30_steps(tiny_llama_dir, sft_file, pt_file, tmp_path, stage, method):
+    data = sft_file if stage == "sft" else pt_file
+    extra = ["freeze_trainable_layers=1"] if method == "freeze" else []
+    if method != "lora":
+        extra.append("learning_rate=1e-3")
+    out = tmp_path / "out"
+    metrics = run_training(
+        _config(
+            tiny_llama_dir,
+            data,
+            out,
+            f"stage={stage}",
+            f"finetuning_type={method}",
+            "max_steps=30",
+            *extra,
+        )
+    )
+    losses = _losses(out)
+    assert len(losses) == 6
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert metrics["real_tokens_per_second"] > 0
+    assert metrics["train_loss"] > 0
+
+
+def test_freeze_trains_only_the_chosen_blocks(tiny_llama_dir, sft_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    run_training(
+        _config(
+            tiny_llama_dir,
+            sft_file,
+            out,
+            "finetuning_type=freeze",
+            "freeze_trainable_layers=1",
+            "max_steps=3",
+        )
+    )
+    before = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    after = load_file(out / "model.safetensors")
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed, "nothing trained"
+    assert all(k.startswith("model.layers.1.") for k in changed), changed
+    assert any(k.startswith("model.layers.1.mlp") for k in changed)
+
+
+def test_lora_output_reloads_with_plain_peft(tiny_llama_dir, sft_file, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    out = tmp_path / "out"
+    run_training(
+        _config(tiny_llama_dir, sft_file, out, "max_steps=4", "plot_loss=true", "lora_rank=4")
+    )
+    files = {p.name for p in out.iterdir()}
+    expected = {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "corral_run.json",
+        "corral_config.yaml",
+        "train_results.json",
+        "trainer_log.jsonl",
+        "training_loss.png",
+    }
+    assert expected <= files, expected - files
+    info = json.loads((out / "corral_run.json").read_text())
+    assert info["template"] == "chatml" and info["stage"] == "sft"
+    results = json.loads((out / "train_results.json").read_text())
+    for key in ("train_runtime", "train_loss", "real_tokens_per_second", "peak_memory_mb"):
+        assert key in results
+    model = AutoPeftModelForCausalLM.from_pretrained(out)  # no corral involved
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "LoRA B matrices are still zero"
+    from transformers import AutoTokenizer
+
+    assert "<|im_start|>" in AutoTokenizer.from_pretrained(out).chat_template
+
+
+def test_gradient_accumulation_matches_one_large_batch(tiny_llama_dir, sft_file, tmp_path):
+    weights = []
+    for batch, accumulation in ((8, 1), (2, 4)):
+        out = tmp_path / f"b{batch}"
+        run_training(
+            _config(
+                tiny_llama_dir,
+                sft_file,
+                out,
+                "finetuning_type=full",
+                "optim=sgd",
+                "learning_rate=1.0",
+                "max_grad_norm=0",
+                "max_steps=1",
+                "logging_steps=1",
+                f"per_device_train_batch_size={batch}",
+                f"gradient_accumulation_steps={accumulation}",
+            )
+        )
+        weights.append(load_file(out / "model.safetensors"))
+        weights[-1]["loss"] = torch.tensor(_losses(out)[0])
+    # One SGD step with lr 1 moves every weight by exactly its gradient.
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_after_ctrl_c_matches_uninterrupted_run(
+    tiny_llama_dir, sft_file, tmp_path, monkeypatch
+):
+    args = ("max_steps=8", "save_steps=4", "lora_dropout=0.1")
+    run_training(_config(tiny_llama_dir, sft_file, tmp_path / "full", *args))
+
+    original = callbacks.InterruptCallback.on_step_end
+
+    def press_ctrl_c_at_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            self.interrupted = True
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(callbacks.InterruptCallback, "on_step_end", press_ctrl_c_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(_config(tiny_llama_dir, sft_file, tmp_path / "cut", *args))
+    assert (tmp_path / "cut" / "checkpoint-3").is_dir()
+    monkeypatch.setattr(callbacks.InterruptCallback, "on_step_end", original)
+    run_training(
+        _config(tiny_llama_dir, sft_file, tmp_path / "cut", *args, "resume_from_checkpoint=true")
+    )
+
+    full = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "cut" / "adapter_model.safetensors")
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-5)
+
+
+def test_non_empty_output_dir_is_refused(tiny_llama_dir, sft_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(CorralError, match="is not empty; set overwrite_output_dir=true"):
+        run_training(_config(tiny_llama_dir, sft_file, out, "max_steps=1"))
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_resume_without_checkpoint_is_an_error(tiny_llama_dir, sft_file, tmp_path):
+    with pytest.raises(CorralError, match="holds no checkpoint-N folder"):
+        run_training(
+            _config(tiny_llama_dir, sft_file, tmp_path / "none", "resume_from_checkpoint=true")
+        )
+
+
+def test_validation_loss_is_logged(tiny_llama_dir, sft_file, tmp_path):
+    out = tmp_path / "out"
+    run_training(
+        _config(tiny_llama_dir, sft_file, out, "max_steps=4", "val_size=2", "eval_steps=2")
+    )
+    lines = [json.loads(x) for x in (out / callbacks.LOG_FILE).read_text().splitlines()]
+    assert [x["step"] for x in lines if "eval_loss" in x] == [2, 4]
