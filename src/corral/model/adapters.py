@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from corral.config.fields import MethodConfig
+from corral.model.load import merge_adapters
 from corral.utils.errors import ConfigError, ModelError
 from corral.utils.log import get_logger
 
@@ -26,7 +27,7 @@ def apply_method(model: Any, method: MethodConfig, adapters: list[str] | None = 
     """
     if adapters:
         keep_last = method.finetuning_type == "lora"
-        model = _merge_adapters(model, adapters[:-1] if keep_last else adapters)
+        model = merge_adapters(model, adapters[:-1] if keep_last else adapters)
     if method.finetuning_type == "lora":
         model = _attach_lora(model, method, adapters[-1] if adapters else None)
     elif method.finetuning_type == "freeze":
@@ -34,14 +35,6 @@ def apply_method(model: Any, method: MethodConfig, adapters: list[str] | None = 
     else:
         model.requires_grad_(True)
     _log_trainable(model)
-    return model
-
-
-def _merge_adapters(model: Any, adapters: list[str]) -> Any:
-    from peft import PeftModel
-
-    for path in adapters:
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
     return model
 
 

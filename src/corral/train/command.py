@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the config and run the training workflow."""
+    config = config_from_args(args)  # config errors first, before the slow imports
     from corral.train.workflow import run_training
 
-    run_training(config_from_args(args))
+    run_training(config)
     return 0

@@ -1,0 +1,434 @@
+"""The one model loader under every command: `load_model(model_config)` -> (model, tokenizer).
+
+`model_name_or_path` may be 'default' (SmolLM2-135M-Instruct, converted once), a local Hugging
+Face folder, a .gguf file (de-quantized to a normal model) or a hub id. Adapter folders load on
+top; for inference they are merged into the weights so generation runs at base-model speed. An
+adapter folder alone brings its recorded base model and template:
+
+    from corral.config.fields import ModelConfig
+    model, tokenizer = load_model(ModelConfig(adapter_name_or_path=["saves/sft"]))
+
+Everything is logged to stderr; stdout stays free for answers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from corral.config.fields import ModelConfig
+from corral.model.artifacts import find_run_info
+from corral.model.default import (
+    DEFAULT_MODEL_NAME,
+    default_model_dir,
+    default_model_target,
+    dequantize_gguf,
+)
+from corral.utils.errors import MissingDependencyError, ModelError
+from corral.utils.log import get_logger, quiet_libraries
+from corral.utils.suggest import did_you_mean
+
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
+_DTYPES = ("float32", "bfloat16", "float16")
+_ATTENTION = {"auto": "sdpa", "sdpa": "sdpa", "eager": "eager", "fa2": "flash_attention_2"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a base model comes from.
+
+    Attributes:
+        kind: 'default', 'folder', 'gguf' or 'hub'.
+        path: the folder, the .gguf file or the hub id; for 'default' the cache folder it is
+            (or will be) converted into.
+        name: how messages refer to it (what the user typed).
+    """
+
+    kind: str
+    path: str
+    name: str
+
+
+def resolve_model(name_or_path: str) -> ModelSource:
+    """Decide what `model_name_or_path` names, without loading anything.
+
+    Raises:
+        ModelError: for a local path that does not exist, an adapter folder, a folder that is
+            not a model, or a missing .gguf file.
+    """
+    if name_or_path in ("", "default"):
+        return ModelSource(
+            "default", str(default_model_target()), f"{DEFAULT_MODEL_NAME} (default)"
+        )
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        _check_model_folder(path, name_or_path)
+        return ModelSource("folder", str(path), name_or_path)
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model path '{name_or_path}' does not exist{_near(path)}")
+        return ModelSource("gguf", str(path), name_or_path)
+    if path.is_file():
+        raise ModelError(
+            f"model_name_or_path '{name_or_path}' is a file; pass a model folder (with "
+            "config.json), a .gguf file or a hub id"
+        )
+    if _looks_local(name_or_path):
+        raise ModelError(f"model path '{name_or_path}' does not exist{_near(path)}")
+    typo = did_you_mean(name_or_path, ["default"])
+    if typo:  # a one-word hub id like 'gpt2' exists, but 'defualt' is a typo
+        raise ModelError(f"model '{name_or_path}' is neither a local path nor 'default'{typo}")
+    return ModelSource("hub", name_or_path, name_or_path)
+
+
+def _looks_local(text: str) -> bool:
+    first = Path(text.split("/")[0]).expanduser()
+    return (
+        text.startswith((".", "/", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+        or ("/" in text and first.is_dir())  # 'saves/run1' where ./saves exists
+    )
+
+
+def _near(path: Path) -> str:
+    parent = path.parent
+    return did_you_mean(path.name, (p.name for p in parent.iterdir())) if parent.is_dir() else ""
+
+
+def _check_model_folder(path: Path, typed: str) -> None:
+    if (path / "adapter_config.json").is_file():
+        raise ModelError(
+            f"'{typed}' is an adapter folder, not a base model; pass it as "
+            f"adapter_name_or_path={typed} (its base model is then read from its run info)"
+        )
+    if not (path / "config.json").is_file():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f"; to load a GGUF file pass it directly, e.g. {path / ggufs[0]}" if ggufs else ""
+        raise ModelError(
+            f"model folder '{typed}' has no config.json, so it is not a Hugging Face model "
+            f"folder{hint}"
+        )
+
+
+def pick_device(pref: str) -> Any:
+    """The torch device for `pref` ('auto', 'cpu', 'cuda', 'cuda:N' or 'mps').
+
+    Raises:
+        ModelError: for an unknown name or an accelerator this machine does not have.
+    """
+    import torch
+
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(pref)
+    except RuntimeError as err:
+        raise ModelError(f"device '{pref}' is not a device name; use one of: {DEVICES}") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelError(
+                f"device '{pref}' was requested but CUDA is not available here (torch "
+                f"{torch.__version__}); use device=cpu or device=auto"
+            )
+        if device.index is not None and device.index >= count:
+            raise ModelError(
+                f"device '{pref}': this machine has {count} CUDA device(s), cuda:0 to "
+                f"cuda:{count - 1}"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"device '{pref}' was requested but MPS is not available here")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"device '{pref}' is not supported; use one of: {DEVICES}")
+    return device
+
+
+def pick_dtype(pref: str, device: Any) -> Any:
+    """The weights dtype for `pref` on `device`: auto is fp32 on CPU, bf16 on GPUs with it, else fp16.
+
+    Raises:
+        ModelError: for an unknown name, or bfloat16 on a GPU without it.
+    """
+    import torch
+
+    if pref == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if pref not in _DTYPES:
+        raise ModelError(f"dtype '{pref}' is not supported; use one of: auto, {', '.join(_DTYPES)}")
+    if pref == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ModelError("dtype bfloat16 is not supported by this GPU; use dtype=float16")
+    return getattr(torch, pref)
+
+
+def pick_attention(pref: str, device: Any) -> str:
+    """The transformers `attn_implementation` for `flash_attn` = auto, sdpa, eager or fa2.
+
+    Raises:
+        ModelError: for an unknown name, or fa2 off CUDA.
+        MissingDependencyError: for fa2 without the flash-attn package.
+    """
+    if pref not in _ATTENTION:
+        raise ModelError(f"flash_attn '{pref}' is not one of: {', '.join(_ATTENTION)}")
+    if pref == "fa2":
+        if device.type != "cuda":
+            raise ModelError(
+                f"flash_attn=fa2 needs a CUDA GPU, but the device is {device}; use "
+                "flash_attn=auto (sdpa)"
+            )
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise MissingDependencyError(
+                "flash_attn=fa2 needs the flash-attn package: pip install flash-attn "
+                "--no-build-isolation (or use flash_attn=auto)"
+            )
+    return _ATTENTION[pref]
+
+
+def resolve_base_for_adapters(model_config: ModelConfig) -> ModelConfig:
+    """Fill the base model and template an adapter was trained with, where the user left them.
+
+    With `model_name_or_path` at 'default' (or empty), the first adapter's recorded base model
+    is used (its run info, else peft's `base_model_name_or_path`). An empty `template` becomes
+    the one the last adapter was trained with.
+
+    Returns:
+        A copy of `model_config` (the same values when there are no adapters).
+
+    Raises:
+        ModelError: for a missing adapter folder, or a recorded local base that is gone.
+    """
+    adapters = model_config.adapter_name_or_path or []
+    if not adapters:
+        return replace(model_config)
+    check_adapter_folders(adapters)
+    changes: dict[str, Any] = {}
+    if model_config.model_name_or_path in ("", "default"):
+        base = recorded_base_model(adapters[0])
+        if base is not None and base not in ("", "default"):
+            if _looks_local(base) and not Path(base).expanduser().exists():
+                raise ModelError(
+                    f"adapter '{adapters[0]}' was trained on '{base}', which does not exist "
+                    "here; pass that base model as model_name_or_path"
+                )
+            get_logger().info(f"adapter '{adapters[0]}' was trained on '{base}': loading it")
+            changes["model_name_or_path"] = base
+    if model_config.template is None:
+        for adapter in reversed(adapters):
+            info = find_run_info(adapter)
+            if info is not None and info.get("template"):
+                changes["template"] = info["template"]
+                break
+    return replace(model_config, **changes)
+
+
+def recorded_base_model(adapter: str) -> str | None:
+    """The base model an adapter folder says it was trained on, or None when it says nothing."""
+    info = find_run_info(adapter)
+    if info is not None and info.get("base_model"):
+        return info["base_model"]
+    import json
+
+    peft_config = json.loads((Path(adapter).expanduser() / "adapter_config.json").read_text())
+    return peft_config.get("base_model_name_or_path") or None
+
+
+def check_adapter_folders(adapters: list[str]) -> None:
+    """Raise a ModelError naming the first adapter folder that is missing or not an adapter."""
+    for adapter in adapters:
+        path = Path(adapter).expanduser()
+        if not path.is_dir():
+            raise ModelError(f"adapter folder '{adapter}' does not exist{_near(path)}")
+        if (path / "adapter_config.json").is_file():
+            continue
+        if (path / "config.json").is_file():
+            hint = "it holds a full model: pass it as model_name_or_path"
+        else:
+            checkpoints = sorted(p.name for p in path.glob("checkpoint-*/adapter_config.json"))
+            hint = (
+                f"it holds checkpoints, e.g. '{path / Path(checkpoints[-1]).parent}'"
+                if checkpoints
+                else "is it the output_dir of a LoRA run?"
+            )
+        raise ModelError(f"adapter folder '{adapter}' has no adapter_config.json; {hint}")
+
+
+def load_tokenizer(source_or_config: ModelSource | ModelConfig | str) -> Any:
+    """The tokenizer of a model, or of a config's last adapter when it saved one.
+
+    Args:
+        source_or_config: a `ModelSource`, a `ModelConfig` or a `model_name_or_path` string.
+
+    Raises:
+        ModelError: when the model cannot be found or read.
+    """
+    quiet_libraries()
+    trust = False
+    if isinstance(source_or_config, ModelConfig):
+        config = resolve_base_for_adapters(source_or_config)
+        saved = _adapter_tokenizer_dir(config.adapter_name_or_path)
+        if saved is not None:
+            return _from_pretrained("AutoTokenizer", saved, config.trust_remote_code)
+        source_or_config, trust = config.model_name_or_path, config.trust_remote_code
+    source = source_or_config
+    if isinstance(source, str):
+        source = resolve_model(source)
+    if source.kind == "gguf":
+        return dequantize_gguf(Path(source.path))[1]
+    return _from_pretrained("AutoTokenizer", _local_or_hub(source), trust, source)
+
+
+def load_model(model_config: ModelConfig, *, for_training: bool = False) -> tuple[Any, Any]:
+    """Load the base model (and adapters) that `model_config` names, with its tokenizer.
+
+    Args:
+        model_config: model, adapters, device, dtype and attention settings.
+        for_training: return the base model with adapters unmerged (training attaches them)
+            instead of merged into the weights.
+
+    Returns:
+        (model, tokenizer); the model on its device, in eval mode.
+
+    Raises:
+        ModelError: when the model or an adapter cannot be found, read or combined.
+    """
+    quiet_libraries()
+    config = resolve_base_for_adapters(model_config)
+    adapters = config.adapter_name_or_path or []
+    source = resolve_model(config.model_name_or_path)
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    attention = pick_attention(config.flash_attn, device)
+    get_logger().info(f"loading {source.name} on {device} ({str(dtype).removeprefix('torch.')})")
+    if source.kind == "gguf":
+        model, tokenizer = dequantize_gguf(
+            Path(source.path), dtype=dtype, attn_implementation=attention
+        )
+    else:
+        model = _from_pretrained(
+            "AutoModelForCausalLM",
+            _local_or_hub(source),
+            config.trust_remote_code,
+            source,
+            dtype=dtype,
+            attn_implementation=attention,
+        )
+        tokenizer = None
+    model.to(device)
+    if not for_training:
+        model = merge_adapters(model, adapters, source)
+    saved = _adapter_tokenizer_dir(adapters)
+    if saved is not None:
+        tokenizer = _from_pretrained("AutoTokenizer", saved, config.trust_remote_code)
+    elif tokenizer is None:
+        tokenizer = load_tokenizer(source)
+    return model.eval(), tokenizer
+
+
+def merge_adapters(model: Any, adapters: list[str], source: ModelSource | None = None) -> Any:
+    """Merge adapter folders into `model`'s weights, in order.
+
+    Raises:
+        ModelError: naming the adapter, the model it was trained on and the one loaded, when
+            they do not fit together.
+    """
+    from peft import PeftModel
+
+    check_adapter_folders(adapters)
+    loaded = source.name if source else getattr(model, "name_or_path", "the model")
+    for adapter in adapters:
+        recorded = recorded_base_model(adapter)
+        if recorded is not None and source is not None and not _same_model(recorded, source):
+            get_logger().warning(f"adapter '{adapter}' was trained on '{recorded}', not {loaded}")
+        recorded = recorded or "an unrecorded base model"
+        try:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        except (RuntimeError, ValueError, KeyError) as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            shapes = [line for line in lines if line.startswith("size mismatch")]
+            reason = (shapes or lines or [type(err).__name__])[0]
+            raise ModelError(
+                f"adapter '{adapter}' was trained on '{recorded}' and does not fit the base "
+                f"model '{loaded}' ({reason}); pass '{recorded}' as model_name_or_path"
+            ) from err
+        get_logger().info(f"merged adapter {adapter}")
+    return model
+
+
+def _same_model(recorded: str, source: ModelSource) -> bool:
+    if source.kind == "default":
+        return recorded in ("", "default", source.path)
+    if source.kind == "hub":
+        return recorded == source.path
+    return Path(recorded).expanduser().resolve() == Path(source.path).resolve()
+
+
+def _adapter_tokenizer_dir(adapters: list[str] | None) -> str | None:
+    # Training saves the tokenizer (with the chat template it trained) beside the adapter.
+    if adapters and (Path(adapters[-1]).expanduser() / "tokenizer_config.json").is_file():
+        return str(Path(adapters[-1]).expanduser())
+    return None
+
+
+def _local_or_hub(source: ModelSource) -> str:
+    if source.kind == "default":
+        return str(default_model_dir())
+    if source.kind == "hub" and _hub_offline():
+        # transformers would still ask the network for some files (and retry for about a
+        # minute and a half without one), so offline a hub id becomes its cached local folder.
+        from huggingface_hub import snapshot_download
+
+        try:
+            return snapshot_download(source.path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            reason = "it is not in the local Hugging Face cache and the hub is not reachable"
+            raise _hub_error(source, reason) from err
+    return source.path
+
+
+def _from_pretrained(
+    auto_class: str,
+    path: str,
+    trust_remote_code: bool,
+    source: ModelSource | None = None,
+    **kwargs: Any,
+) -> Any:
+    import transformers
+
+    cls = getattr(transformers, auto_class)
+    try:
+        return cls.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if source is not None and source.kind == "hub":
+            raise _hub_error(source, reason) from err
+        raise ModelError(f"could not load '{path}': {reason}") from err
+
+
+def _hub_error(source: ModelSource, reason: str) -> ModelError:
+    return ModelError(
+        f"could not load '{source.name}' from the Hugging Face hub (offline or not found); "
+        f"download it elsewhere and pass the local folder as model_name_or_path ({reason})"
+    )
+
+
+def _hub_offline() -> bool:
+    # Read here, not from huggingface_hub, which reads HF_HUB_OFFLINE once when imported.
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError:
+        return True
+    return False
