@@ -68,19 +68,38 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
 
 
+@pytest.fixture(scope="module")
+def learnable_tiny_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The tiny model with a 20x larger output head.
+
+    With the default 0.02 init, the frozen random head caps the logits near 1, so methods that
+    keep it frozen (LoRA, freeze) cannot lower the loss much however well they train.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    path = tmp_path_factory.mktemp("learnable-tiny")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(path)
+    return path
+
+
 @pytest.mark.parametrize(
     ("stage", "method"),
     [("sft", "lora"), ("sft", "full"), ("sft", "freeze"), ("pt", "lora"), ("pt", "full")],
 )
-def test_loss_falls_over_30_steps(tiny_llama_dir, sft_file, pt_file, tmp_path, stage, method):
+def test_loss_falls_over_30_steps(learnable_tiny_dir, sft_file, pt_file, tmp_path, stage, method):
     data = sft_file if stage == "sft" else pt_file
-    extra = ["freeze_trainable_layers=1"] if method == "freeze" else []
-    if method != "lora":
-        extra.append("learning_rate=1e-3")
+    # A tiny random model learns slowly through rank-8 LoRA: give it a large step.
+    extra = ["learning_rate=1e-2" if method == "lora" else "learning_rate=3e-3"]
+    if method == "freeze":
+        extra.append("freeze_trainable_layers=1")
     out = tmp_path / "out"
     metrics = run_training(
         _config(
-            tiny_llama_dir,
+            learnable_tiny_dir,
             data,
             out,
             f"stage={stage}",
@@ -91,7 +110,7 @@ def test_loss_falls_over_30_steps(tiny_llama_dir, sft_file, pt_file, tmp_path, s
     )
     losses = _losses(out)
     assert len(losses) == 6
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < 0.2 * losses[0], losses  # from ~uniform (ln 49152) towards memorised
     assert metrics["real_tokens_per_second"] > 0
     assert metrics["train_loss"] > 0
 
@@ -123,7 +142,15 @@ def test_lora_output_reloads_with_plain_peft(tiny_llama_dir, sft_file, tmp_path)
 
     out = tmp_path / "out"
     run_training(
-        _config(tiny_llama_dir, sft_file, out, "max_steps=4", "plot_loss=true", "lora_rank=4")
+        _config(
+            tiny_llama_dir,
+            sft_file,
+            out,
+            "max_steps=4",
+            "logging_steps=2",
+            "plot_loss=true",
+            "lora_rank=4",
+        )
     )
     files = {p.name for p in out.iterdir()}
     expected = {
@@ -180,7 +207,7 @@ def test_gradient_accumulation_matches_one_large_batch(tiny_llama_dir, sft_file,
 def test_resume_after_ctrl_c_matches_uninterrupted_run(
     tiny_llama_dir, sft_file, tmp_path, monkeypatch
 ):
-    args = ("max_steps=8", "save_steps=4", "lora_dropout=0.1")
+    args = ("max_steps=8", "save_steps=4")
     run_training(_config(tiny_llama_dir, sft_file, tmp_path / "full", *args))
 
     original = callbacks.InterruptCallback.on_step_end

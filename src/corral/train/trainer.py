@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from corral.config import CorralConfig
 from corral.train.loss import causal_lm_loss
@@ -65,9 +66,37 @@ def training_arguments(config: CorralConfig, *, has_eval: bool) -> TrainingArgum
         # Unpacked rows of similar length share a batch, so little compute goes to padding.
         train_sampling_strategy="random" if config.data.packing else "group_by_length",
         remove_unused_columns=False,
+        prediction_loss_only=True,  # validation needs the loss only, never full logits
         disable_tqdm=True,  # corral's own progress display replaces tqdm
         use_cpu=config.model.device == "cpu",
     )
+
+
+class SeededLengthGroupedSampler(torch.utils.data.Sampler):
+    """Length-grouped order drawn from (seed, epoch), not from the global RNG.
+
+    transformers' sampler draws each epoch's order from the global RNG when the epoch starts;
+    a resumed run restores that RNG as it was mid-epoch, so it saw a different order than the
+    uninterrupted run. Seeding per epoch makes resume exact (tests/test_train.py checks it).
+    """
+
+    def __init__(self, base: LengthGroupedSampler, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = (
+            base.lengths,
+            base.batch_size,
+            seed,
+            0,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
 class CorralTrainer(Trainer):
@@ -80,6 +109,12 @@ class CorralTrainer(Trainer):
         # num_items_in_batch), so the Trainer must neither skip counting nor divide by GA again.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            return SeededLengthGroupedSampler(sampler, seed=self.args.data_seed or self.args.seed)
+        return sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
         inputs = dict(inputs)
@@ -99,7 +134,7 @@ class CorralTrainer(Trainer):
             self.meter.real_tokens += (
                 int(real_tokens) if real_tokens is not None else labels.numel()
             )
-        return (loss, None) if return_outputs else loss
+        return (loss, {"loss": loss}) if return_outputs else loss
 
 
 def peak_memory() -> dict[str, float]:

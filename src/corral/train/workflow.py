@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import set_seed
+
 from corral.config import CorralConfig
 from corral.data.collator import Collator
 from corral.data.dataset import build_dataset
@@ -56,7 +58,11 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
         config.data, tokenizer, template, kind=stage.dataset_kind, seed=config.train.seed
     )
     log.info("dataset summary:\n" + format_summary(data.stats))
+    set_seed(config.train.seed)  # LoRA's random init must not depend on what ran before
     model = apply_method(model, config.method, model_config.adapter_name_or_path)
+    # A KV cache is useless in training, and its presence stops transformers from deriving the
+    # block-diagonal mask of packed rows from their position_ids.
+    model.config.use_cache = False
 
     meter = TokenMeter()
     interrupt = InterruptCallback()
@@ -65,7 +71,11 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
         args=training_arguments(config, has_eval=data.eval is not None),
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=Collator(pad_token_id=_pad_id(tokenizer)),
+        data_collator=Collator(
+            pad_token_id=_pad_id(tokenizer),
+            # flash-attention detects packed documents only within a single row
+            flatten_packed=config.model.flash_attn == "fa2",
+        ),
         processing_class=tokenizer,
         callbacks=[ProgressCallback(meter), JsonlLogCallback(), interrupt],
         meter=meter,
@@ -102,8 +112,13 @@ def _finish(config, trainer, result, meter, stage, model_config, template, data)
         )
         metrics.update(stage.after_training(context))
     trainer.save_metrics("train", metrics, combined=False)
-    if config.output.plot_loss:
-        plot_loss(trainer.state.log_history, config.output.output_dir)
+    if (
+        config.output.plot_loss
+        and plot_loss(trainer.state.log_history, config.output.output_dir) is None
+    ):
+        get_logger().warning(
+            "plot_loss: no loss was logged (logging_steps is above the step count)"
+        )
     get_logger().info(
         f"done: {config.output.output_dir} — train_loss {metrics.get('train_loss', float('nan')):.4f}, "
         f"{metrics['real_tokens_per_second']:.0f} real tokens/s, peak {metrics['peak_memory_mb']:.0f} MB"

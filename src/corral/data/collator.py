@@ -1,0 +1,81 @@
+"""Batch tokenised examples into padded tensors.
+
+    collate = Collator(pad_token_id=tokenizer.pad_token_id)
+    batch = collate([dataset[0], dataset[1]])
+
+Unpacked examples are padded on the right to the longest one and get an attention_mask.
+Packed rows (they carry position_ids) get no attention_mask, so transformers builds the
+block-diagonal mask from the position ids (see `corral.data.packing`); their padding starts a
+sequence of its own at position 0, so it belongs to no example. Every batch also carries
+`num_real_tokens`, the non-padding tokens in it, which the trainer pops to report real
+tokens per second.
+
+The model must run with use_cache=False (as in training): with a cache, transformers skips
+the packed-sequence detection. Flash-attention 2 detects packed sequences only in a batch of
+one row (`modeling_flash_attention_utils._is_packed_sequence`), so with it use
+`flatten_packed=True`, which joins a batch's packed rows into one row; sdpa and eager handle
+both layouts, but one long row costs them attention over the whole batch length.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+IGNORE_INDEX = -100
+
+
+class Collator:
+    """Pads a list of examples into a batch of tensors.
+
+    Args:
+        pad_token_id: Token id written into padding positions (their labels are -100).
+        pad_to_multiple_of: Round the padded length up to a multiple of this (8 suits tensor
+            cores); None pads to the longest example exactly.
+        flatten_packed: Join packed rows into a single row (batch size 1), as flash-attention
+            2 needs to see where examples start.
+    """
+
+    def __init__(
+        self, pad_token_id: int, pad_to_multiple_of: int | None = 8, *, flatten_packed: bool = False
+    ):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.flatten_packed = flatten_packed
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        """Pad `features` (dicts of int lists) into input_ids, labels and either
+        attention_mask (unpacked) or position_ids (packed), plus num_real_tokens."""
+        import torch
+
+        packed = "position_ids" in features[0]
+        if packed and self.flatten_packed and len(features) > 1:
+            keys = ("input_ids", "labels", "position_ids")
+            features = [{k: torch.cat([torch.as_tensor(f[k]) for f in features]) for k in keys}]
+        lengths = torch.tensor([len(f["input_ids"]) for f in features], dtype=torch.long)
+        width = int(lengths.max())
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        columns = torch.arange(width)
+        real = columns < lengths[:, None]  # (batch, width): True on tokens, False on padding
+        batch = {
+            "input_ids": _pad(features, "input_ids", real, self.pad_token_id),
+            "labels": _pad(features, "labels", real, IGNORE_INDEX),
+        }
+        if packed:
+            # Padding restarts at 0: a sequence of its own that no real token attends to.
+            padding_positions = (columns - lengths[:, None]).clamp(min=0)
+            batch["position_ids"] = _pad(features, "position_ids", real, 0)
+            batch["position_ids"] = torch.where(real, batch["position_ids"], padding_positions)
+        else:
+            batch["attention_mask"] = real.long()
+        batch["num_real_tokens"] = lengths.sum()
+        return batch
+
+
+def _pad(features: list[dict[str, Any]], key: str, real: Any, fill: int) -> Any:
+    """A (batch, width) tensor of `fill` with each feature's values written left-aligned."""
+    import torch
+
+    out = torch.full(real.shape, fill, dtype=torch.long)
+    out[real] = torch.cat([torch.as_tensor(f[key], dtype=torch.long) for f in features])
+    return out
