@@ -24,7 +24,7 @@ install-test: install
 	$(BIN)/pip install -q -e ".[test]"
 
 quickstart: install
-	$(BIN)/corral chat --prompt "Who are you?" --temperature 0 --max-new-tokens 64
+	$(BIN)/corral quickstart
 
 test: install-test
 	$(BIN)/python -m pytest -q

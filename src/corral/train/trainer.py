@@ -15,6 +15,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from corral.config import CorralConfig
+from corral.model.load import pick_device
 from corral.train.loss import causal_lm_loss
 
 
@@ -35,6 +36,7 @@ def training_arguments(config: CorralConfig, *, has_eval: bool) -> TrainingArgum
     train, out = config.train, config.output
     warmup = train.warmup_steps if train.warmup_steps > 0 else train.warmup_ratio
     eval_steps = train.eval_steps or out.logging_steps * 10
+    on_cpu = pick_device(config.model.device).type == "cpu"
     return TrainingArguments(
         output_dir=out.output_dir,
         per_device_train_batch_size=train.per_device_train_batch_size,
@@ -48,10 +50,7 @@ def training_arguments(config: CorralConfig, *, has_eval: bool) -> TrainingArgum
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
         optim=train.optim,
-        gradient_checkpointing=train.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}
-        if train.gradient_checkpointing
-        else None,
+        **_checkpointing_arguments(train.gradient_checkpointing),
         seed=train.seed,
         data_seed=train.seed,
         bf16=train.bf16,
@@ -68,8 +67,22 @@ def training_arguments(config: CorralConfig, *, has_eval: bool) -> TrainingArgum
         remove_unused_columns=False,
         prediction_loss_only=True,  # validation needs the loss only, never full logits
         disable_tqdm=True,  # corral's own progress display replaces tqdm
-        use_cpu=config.model.device == "cpu",
+        use_cpu=on_cpu,
+        dataloader_pin_memory=not on_cpu,  # pinning needs an accelerator
     )
+
+
+def _checkpointing_arguments(enabled: bool) -> dict:
+    """Activation checkpointing under the name this transformers release uses (renamed in v5)."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in fields
+        else "gradient_checkpointing"
+    )
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 class SeededLengthGroupedSampler(torch.utils.data.Sampler):

@@ -22,8 +22,11 @@ def get_logger() -> logging.Logger:
 def quiet_libraries() -> None:
     """Silence the progress bars and chatter of transformers/datasets that users did not ask for."""
     import os
+    import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft still reads transformers' deprecated alias; the warning is about peft, not the user.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         import transformers
