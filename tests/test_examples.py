@@ -44,3 +44,31 @@ def test_quickstart_example_is_the_packaged_config():
     assert (
         Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
     ).read_text() == packaged
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "path", [p for p in EXAMPLES if p.name != "quickstart.yaml"], ids=lambda p: p.name
+)
+def test_example_trains_from_the_command_line(path, shared_dir, default_model_dir, tmp_path):
+    """Each example runs as a user runs it (from the repository root), cut to a few steps."""
+    import json
+    import math
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    overrides = ["max_steps=2", "max_samples=40", "stop_check_samples=0", f"output_dir={out}"]
+    run = subprocess.run(
+        [sys.executable, "-m", "corral", "train", str(path), *overrides],
+        cwd=path.parents[1],
+        env=os.environ,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "train_results.json").read_text())
+    assert math.isfinite(results["train_loss"]) and results["real_tokens"] > 0
+    assert (out / "corral_config.yaml").is_file() and (out / "corral_run.json").is_file()
