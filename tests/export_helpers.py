@@ -76,12 +76,9 @@ def hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
 
 def llama_cpp_greedy(llm, prompt_ids: list[int], n: int) -> list[int]:
     """`n` greedy tokens from llama.cpp for the same prompt ids (EOS does not stop it)."""
-    llm.reset()
-    llm.eval(prompt_ids)
     tokens = []
-    for _ in range(n):
-        logits = llm.scores[llm.n_tokens - 1]
-        token = int(logits.argmax())
+    for token in llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
         tokens.append(token)
-        llm.eval([token])
+        if len(tokens) == n:
+            break
     return tokens
