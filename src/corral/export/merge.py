@@ -1,8 +1,9 @@
 """Load a base model with its adapters merged into the weights, and check the merge.
 
 Each adapter is attached unmerged, its logits on a few prompts are taken, then it is merged
-and the logits are taken again: they must agree to `MERGE_TOLERANCE` (fp32), else the export
-stops. The template the model was trained with comes along, for the tokenizer and the GGUF.
+and the logits are taken again: they must agree to `MERGE_TOLERANCE`, else the export stops.
+The merge and the check run in float64 (twice the fp32 memory while merging), and the merged
+weights are then rounded to fp32. The template the model was trained with comes along, for the tokenizer and the GGUF.
 
     merged = load_merged(ModelConfig(adapter_name_or_path=["saves/sft"]))
     merged.model, merged.tokenizer, merged.template.name     # ..., ..., 'chatml'
@@ -29,7 +30,7 @@ from corral.model.load import (
 from corral.utils.errors import CorralError, ExportError
 from corral.utils.log import get_logger
 
-MERGE_TOLERANCE = 1e-4  # max abs logit difference, fp32, merged vs base + adapter
+MERGE_TOLERANCE = 1e-4  # max abs logit difference, merged vs base + adapter
 PROBES = (
     [{"role": "user", "content": "Hello! Who are you?"}],
     [{"role": "user", "content": "List three prime numbers and explain why they are prime."}],
@@ -90,12 +91,17 @@ def load_merged(model_config: ModelConfig) -> MergedModel:
     template = _template(config.template, tokenizer)
     probes = probe_ids(tokenizer, template)
     worst = 0.0
+    if adapters:
+        # Merge and check in float64: fp32 rounding alone moves a 135M model's logits (of size
+        # ~25) by ~1e-4, which would hide a small merge error or fail a correct merge.
+        model = model.double()
     for adapter in adapters:
         attached = attach_adapter(model, adapter, source)
         expected = _logits(attached, probes)
         model = attached.merge_and_unload()
         worst = max(worst, _check_merge(expected, _logits(model, probes), adapter))
         get_logger().info(f"merged adapter {adapter} (max logit difference {worst:.2e})")
+    model = model.float()
     infos = [find_run_info(p) for p in (source.path, *adapters) if Path(p).exists()]
     return MergedModel(
         model.eval(),
@@ -132,7 +138,7 @@ def _logits(model: Any, probes: list[list[int]]) -> list[Any]:
 
     device = next(model.parameters()).device
     with torch.no_grad():
-        return [model(torch.tensor([ids], device=device)).logits[0].float() for ids in probes]
+        return [model(torch.tensor([ids], device=device)).logits[0] for ids in probes]
 
 
 def _check_merge(expected: list[Any], merged: list[Any], adapter: str) -> float:
@@ -140,7 +146,7 @@ def _check_merge(expected: list[Any], merged: list[Any], adapter: str) -> float:
     if not worst <= MERGE_TOLERANCE:  # also catches NaN
         raise ExportError(
             f"merging adapter '{adapter}' changed the model's logits by up to {worst:.3g} "
-            f"(allowed: {MERGE_TOLERANCE:g} in fp32); the merged weights are not the base model "
+            f"(allowed: {MERGE_TOLERANCE:g}, computed in float64); the merged weights are not the base model "
             "plus this adapter, so nothing was exported"
         )
     return worst
