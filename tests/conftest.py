@@ -76,3 +76,27 @@ def tiny_llama(tiny_llama_dir):
     from corral.model.load import load_model
 
     return load_model(ModelConfig(model_name_or_path=str(tiny_llama_dir), device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer_model(tmp_path_factory) -> Path:
+    """A SentencePiece `tokenizer.model`: Llama 2's from ../shared when present, else a small
+    byte-fallback BPE model trained here (so SentencePiece tests never need the network)."""
+    real = SHARED / "data" / "llama2-tokenizer" / "tokenizer.model"
+    if real.is_file():
+        return real
+    import sentencepiece
+
+    folder = tmp_path_factory.mktemp("spm")
+    words = "the quick brown fox jumps over the lazy dog while Paris Rome and Berlin sleep"
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([f"{words} {i} {words[::-1]}" for i in range(200)]),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+    )
+    return folder / "tokenizer.model"

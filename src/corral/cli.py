@@ -23,6 +23,14 @@ COMMANDS = {
     ),
     "train": ("corral.train.command", "Train a model: CONFIG.yaml and/or key=value overrides."),
     "chat": ("corral.chat.command", "Chat with a model in the terminal (streaming)."),
+    "export": (
+        "corral.export.command",
+        "Merge adapters into the model; write a Hugging Face folder or a GGUF file.",
+    ),
+    "convert": (
+        "corral.export.convert_command",
+        "Convert other checkpoint formats (Meta's originals) into a Hugging Face folder.",
+    ),
     "version": (
         "corral.utils.versions",
         "Print corral's and its libraries' versions and the device.",

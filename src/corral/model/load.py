@@ -339,27 +339,37 @@ def merge_adapters(model: Any, adapters: list[str], source: ModelSource | None =
         ModelError: naming the adapter, the model it was trained on and the one loaded, when
             they do not fit together.
     """
-    from peft import PeftModel
-
     check_adapter_folders(adapters)
-    loaded = source.name if source else getattr(model, "name_or_path", "the model")
     for adapter in adapters:
-        recorded = recorded_base_model(adapter)
-        if recorded is not None and source is not None and not _same_model(recorded, source):
-            get_logger().warning(f"adapter '{adapter}' was trained on '{recorded}', not {loaded}")
-        recorded = recorded or "an unrecorded base model"
-        try:
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        except (RuntimeError, ValueError, KeyError) as err:
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            shapes = [line for line in lines if line.startswith("size mismatch")]
-            reason = (shapes or lines or [type(err).__name__])[0]
-            raise ModelError(
-                f"adapter '{adapter}' was trained on '{recorded}' and does not fit the base "
-                f"model '{loaded}' ({reason}); pass '{recorded}' as model_name_or_path"
-            ) from err
+        model = attach_adapter(model, adapter, source).merge_and_unload()
         get_logger().info(f"merged adapter {adapter}")
     return model
+
+
+def attach_adapter(model: Any, adapter: str, source: ModelSource | None = None) -> Any:
+    """`model` with one adapter folder attached, unmerged (a peft `PeftModel`).
+
+    Raises:
+        ModelError: naming the adapter, the model it was trained on and the one loaded, when
+            they do not fit together (e.g. a shape mismatch).
+    """
+    from peft import PeftModel
+
+    loaded = source.name if source else getattr(model, "name_or_path", "the model")
+    recorded = recorded_base_model(adapter)
+    if recorded is not None and source is not None and not _same_model(recorded, source):
+        get_logger().warning(f"adapter '{adapter}' was trained on '{recorded}', not {loaded}")
+    recorded = recorded or "an unrecorded base model"
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except (RuntimeError, ValueError, KeyError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        shapes = [line for line in lines if line.startswith("size mismatch")]
+        reason = (shapes or lines or [type(err).__name__])[0]
+        raise ModelError(
+            f"adapter '{adapter}' was trained on '{recorded}' and does not fit the base "
+            f"model '{loaded}' ({reason}); pass '{recorded}' as model_name_or_path"
+        ) from err
 
 
 def _same_model(recorded: str, source: ModelSource) -> bool:

@@ -31,3 +31,7 @@ class ModelError(CorralError):
 
 class MissingDependencyError(CorralError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+class ExportError(CorralError):
+    """A model that cannot be exported or converted as asked (unsupported, or a failed check)."""
