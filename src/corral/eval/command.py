@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     for note in config.notes:
         get_logger().warning(note)
     result = getattr(workflows, f"run_{args.eval_command}")(config)
-    print(report_markdown(result).split("\n## Lowest")[0].rstrip())
+    print(report_markdown(result, examples=False).rstrip())
     if config.eval.save_dir:
         print(f"\nwritten to {config.eval.save_dir}")
     return 0

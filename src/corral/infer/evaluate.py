@@ -220,8 +220,9 @@ def write_run(folder: str | Path, run: EvalRun) -> Path:
     return folder
 
 
-def report_markdown(run: EvalRun) -> str:
-    """The human-readable report: what was evaluated, the metrics, extra tables, examples."""
+def report_markdown(run: EvalRun, *, examples: bool = True) -> str:
+    """The human-readable report: what was evaluated, the metrics, extra tables and (with
+    `examples`) the generated replies that scored lowest."""
     titles = {"generate": "Generation", "ppl": "Perplexity", "mc": "Multiple choice"}
     lines = [f"# {titles.get(run.kind, run.kind)} evaluation", "", "| setting | value |"]
     lines += ["|---|---|"] + [f"| {k} | {_cell(v)} |" for k, v in run.about.items()]
@@ -229,7 +230,7 @@ def report_markdown(run: EvalRun) -> str:
     lines += [f"| {k} | {format_value(v)} |" for k, v in run.metrics.items()]
     for title, table in run.tables.items():
         lines += ["", f"## {title}", "", table]
-    if run.kind == "generate" and run.predictions:
+    if examples and run.kind == "generate" and run.predictions:
         lines += ["", "## Lowest-scoring examples (ROUGE-L)", ""]
         worst = sorted(run.predictions, key=lambda p: p["rouge-l"])[:5]
         for p in worst:
