@@ -89,7 +89,7 @@ def test_default_model_on_five_identity_examples(tmp_path):
                 "max_samples=5",
                 f"save_dir={out}",
                 "temperature=0",
-                "max_new_tokens=32",
+                "max_new_tokens=16",
                 "per_device_eval_batch_size=5",
             ],
         )
