@@ -31,6 +31,10 @@ COMMANDS = {
         "corral.export.convert_command",
         "Convert other checkpoint formats (Meta's originals) into a Hugging Face folder.",
     ),
+    "eval": (
+        "corral.eval.command",
+        "Evaluate a model: generation metrics, perplexity, multiple choice; compare runs.",
+    ),
     "version": (
         "corral.utils.versions",
         "Print corral's and its libraries' versions and the device.",

@@ -26,7 +26,14 @@ def check_config(config: CorralConfig) -> None:
         ConfigError: every problem found.
     """
     problems: list[str] = []
-    for check in (_check_stage, _check_precision, _check_data, _check_method, _check_resume):
+    for check in (
+        _check_stage,
+        _check_precision,
+        _check_data,
+        _check_method,
+        _check_resume,
+        _check_eval,
+    ):
         problems.extend(check(config))
     if problems:
         raise ConfigError(problems)
@@ -90,6 +97,27 @@ def _check_resume(config: CorralConfig) -> list[str]:
     if resume is not None and resume.lower() in ("true", "false"):
         config.train.resume_from_checkpoint = "true" if resume.lower() == "true" else None
     return []
+
+
+def _check_eval(config: CorralConfig) -> list[str]:
+    ev, data = config.eval, config.data
+    problems = []
+    if ev.predict_with_generate and not ev.do_predict:
+        problems.append("predict_with_generate only takes effect with do_predict: true")
+    if ev.do_predict and not ev.predict_with_generate:
+        problems.append(
+            "do_predict needs predict_with_generate: true (corral predicts by generating "
+            "replies; for loss and perplexity use do_eval)"
+        )
+    if ev.do_predict and config.method.stage != "sft":
+        problems.append(
+            f"do_predict generates replies to conversations, so it needs stage: sft "
+            f"(stage is {config.method.stage}); use do_eval for perplexity"
+        )
+    if (ev.do_eval or ev.do_predict) and not (data.eval_dataset or data.val_size):
+        flag = "do_eval" if ev.do_eval else "do_predict"
+        problems.append(f"{flag} needs a validation set: set val_size (e.g. 0.1) or eval_dataset")
+    return problems
 
 
 def _fill_defaults(config: CorralConfig) -> None:

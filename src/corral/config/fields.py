@@ -223,6 +223,54 @@ class GenerationConfig:
     generation_seed: int | None = opt(None, "Seed for sampling (empty: not seeded).")
 
 
+EVAL_SPLITS = ("validation", "test", "all")
+
+
+@dataclass
+class EvalConfig:
+    eval_split: str = opt(
+        "all",
+        "Examples `corral eval generate` and `ppl` score: validation (the val_size hold-out of "
+        "`dataset`, the same examples training validates on), test (`eval_dataset`) or all "
+        "(every example of `dataset`).",
+        choices=EVAL_SPLITS,
+    )
+    lang: str = opt(
+        "auto",
+        "Language of the examples: auto (detected per example), en or zh. Chooses how BLEU and "
+        "ROUGE split words, and the wording of multiple-choice prompts.",
+        choices=("auto", "en", "zh"),
+    )
+    save_dir: str | None = opt(
+        None, "Folder for an evaluation's files: predictions.jsonl, metrics.json, report.md."
+    )
+    task_dir: str | None = opt(
+        None,
+        "Multiple-choice benchmark folder in the MMLU / C-Eval / CMMLU layout: dev/, val/ and "
+        "test/ folders of per-subject CSV files (question, A, B, C, D, answer).",
+    )
+    task_split: str = opt(
+        "test", "Multiple-choice split to score: val or test.", choices=("val", "test")
+    )
+    subjects: list[str] | None = opt(
+        None, "Multiple-choice subjects to score, comma-separated (empty: every one in task_dir)."
+    )
+    n_shot: int = opt(5, "Solved dev questions shown before each multiple-choice question.", ge=0)
+    do_eval: bool = opt(
+        False,
+        "After training, measure perplexity on the validation set (eval_dataset or val_size) "
+        "and write it to output_dir/eval/.",
+    )
+    do_predict: bool = opt(
+        False,
+        "After training, generate replies to the validation prompts and score them (BLEU, "
+        "ROUGE, exact match) into output_dir/predict/; needs predict_with_generate.",
+    )
+    predict_with_generate: bool = opt(
+        False, "With do_predict: predict by generating replies (LLaMA-Factory's switch)."
+    )
+
+
 GROUPS = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -230,6 +278,7 @@ GROUPS = {
     "train": TrainConfig,
     "output": OutputConfig,
     "generation": GenerationConfig,
+    "eval": EvalConfig,
 }
 
 

@@ -103,16 +103,9 @@ LLAMAFACTORY_KEYS = frozenset(
         "length_penalty",
         "skip_special_tokens",
         "task",
-        "task_dir",
         "batch_size",
-        "lang",
-        "n_shot",
-        "save_dir",
         "download_mode",
         "do_train",
-        "do_eval",
-        "do_predict",
-        "predict_with_generate",
     ]
 )
 

@@ -34,6 +34,7 @@ class CorralConfig:
     train: Any
     output: Any
     generation: Any
+    eval: Any
     # Warnings found while parsing (unsupported LLaMA-Factory keys); not part of the config.
     notes: list[str] = dataclasses.field(default_factory=list, compare=False)
 

@@ -2,11 +2,12 @@
 
 load model -> template -> dataset (cached) -> method (full/freeze/lora) -> Trainer
 -> train (resumable, Ctrl-C safe) -> save model + tokenizer + template + run info
--> the stage's after-training checks -> train_results.json, loss plot
+-> the stage's after-training checks -> do_eval / do_predict -> train_results.json, loss plot
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from corral.data.collator import Collator
 from corral.data.dataset import build_dataset
 from corral.data.processors import format_summary
 from corral.data.templates import get_template
+from corral.infer.engine import ChatEngine
+from corral.infer.evaluate import evaluate_generation, evaluate_perplexity, write_run
 from corral.model.adapters import apply_method
 from corral.model.load import load_model, resolve_base_for_adapters
 from corral.train.callbacks import InterruptCallback, JsonlLogCallback, ProgressCallback
@@ -111,6 +114,8 @@ def _finish(config, trainer, result, meter, stage, model_config, template, data)
             config, trainer.model, trainer.processing_class, data.train_records, data.eval_records
         )
         metrics.update(stage.after_training(context))
+    if config.eval.do_eval or config.eval.do_predict:
+        metrics.update(evaluate_after_training(config, trainer, template, data.eval_records))
     trainer.save_metrics("train", metrics, combined=False)
     if (
         config.output.plot_loss
@@ -124,6 +129,30 @@ def _finish(config, trainer, result, meter, stage, model_config, template, data)
         f"{metrics['real_tokens_per_second']:.0f} real tokens/s, peak {metrics['peak_memory_mb']:.0f} MB"
     )
     return metrics
+
+
+def evaluate_after_training(config, trainer, template, records) -> dict[str, Any]:
+    """do_eval: perplexity into output_dir/eval/; do_predict: generation metrics into
+    output_dir/predict/ (greedy, as `corral eval generate`). Returns the headline numbers."""
+    model, tokenizer = trainer.model.eval(), trainer.processing_class
+    out, batch = Path(config.output.output_dir), config.train.per_device_eval_batch_size
+    about = {"model": config.output.output_dir, "dataset": ", ".join(config.data.dataset or [])}
+    results = {}
+    if config.eval.do_eval:
+        run = evaluate_perplexity(
+            model, tokenizer, template, records, config.data, batch_size=batch, about=about
+        )
+        write_run(out / "eval", run)
+        results["eval_perplexity"] = run.metrics["perplexity"]
+    if config.eval.do_predict:
+        greedy = dataclasses.replace(config.generation, temperature=0.0)
+        engine = ChatEngine(config.model, greedy, model=model, tokenizer=tokenizer)
+        run = evaluate_generation(
+            engine, records, batch_size=batch, lang=config.eval.lang, about=about
+        )
+        write_run(out / "predict", run)
+        results.update({f"predict_{k}": run.metrics[k] for k in ("bleu-4", "rouge-l")})
+    return results
 
 
 def _pad_id(tokenizer: Any) -> int:
