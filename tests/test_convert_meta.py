@@ -221,3 +221,70 @@ def test_convert_train_export_gguf(tmp_path, spm_tokenizer_model):
     assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
     assert "[INST]" in reader.fields["tokenizer.chat_template"].contents()
     assert len(reader.tensors) == 2 + 2 * 9 + 1  # embeddings, norm, output + 9 per layer
+
+
+# --- Llama 3: a tiktoken BPE file instead of SentencePiece ---------------------------------
+
+_MERGED = [b"he", b"ll", b"llo", b"hello", b" w", b"or", b"ld", b" wor", b" world", b"in", b"ing", b"xy"]
+
+
+@pytest.fixture
+def tiktoken_file(tmp_path) -> Path:
+    """A tiny file in Llama 3's tokenizer.model format: `base64(bytes) rank` per line."""
+    import base64
+
+    pieces = [bytes([i]) for i in range(256)] + _MERGED
+    path = tmp_path / "llama3-tokenizer.model"
+    path.write_text(
+        "".join(f"{base64.b64encode(p).decode()} {rank}\n" for rank, p in enumerate(pieces))
+    )
+    return path
+
+
+def test_llama3_checkpoint_converts_with_its_tiktoken_tokenizer(tmp_path, tiktoken_file):
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corral.export.meta import LLAMA3_PATTERN, llama3_special_tokens
+
+    n_base = 256 + len(_MERGED)
+    specials = {name: n_base + i for i, name in enumerate(llama3_special_tokens())}
+    params = {
+        "dim": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "multiple_of": 32,
+        "ffn_dim_multiplier": 1.3,
+        "norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "vocab_size": n_base + len(specials),
+    }
+    weights = _random_weights(params, params["vocab_size"])
+    write_meta_checkpoint(tmp_path / "meta", params, weights, 2, tiktoken_file)
+    argv = ["convert", "meta", "--input", str(tmp_path / "meta"), "--output", str(tmp_path / "hf")]
+    assert main(argv) == 0
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokens = torch.tensor([[n_base, 5, 9, 200, 17, 3, 42, 7, 99, 11, 250, n_base + 9]])
+    with torch.no_grad():
+        assert (model(tokens).logits - meta_forward(weights, params, tokens)).abs().max() <= 1e-4
+
+    # Meta's tokenizer.py is tiktoken with this pattern and these special ids, BOS prepended.
+    reference = tiktoken.Encoding(
+        "llama3-tiny",
+        pat_str=LLAMA3_PATTERN,
+        mergeable_ranks=load_tiktoken_bpe(str(tiktoken_file)),
+        special_tokens=specials,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer.bos_token_id == specials["<|begin_of_text|>"]
+    for text in ("hello world", "Hello, world!  123456 singing\n\nin 你好", "hi<|eot_id|>"):
+        ids = tokenizer(text)["input_ids"]
+        assert ids == [
+            specials["<|begin_of_text|>"],
+            *reference.encode(text, allowed_special="all"),
+        ]
+        assert tokenizer.decode(ids[1:]) == text
+    assert "<|start_header_id|>" in tokenizer.chat_template  # Meta's Llama 3 chat format

@@ -1,7 +1,7 @@
 """Meta's original LLaMA / Llama 2 / Llama 3 checkpoints -> a Hugging Face folder.
 
 Meta ships `params.json`, one `consolidated.NN.pth` per model-parallel rank and a tokenizer
-(`tokenizer.model`: SentencePiece for LLaMA and Llama 2). Shards are joined along the dimension
+(`tokenizer.model`: SentencePiece for LLaMA and Llama 2, tiktoken BPE for Llama 3). Shards are joined along the dimension
 each layer was split on (found from the full shape `params.json` implies), q/k rows are permuted
 from Meta's interleaved rotary order to transformers' rotate-half order, and GQA, the FFN size
 rule (`multiple_of`, `ffn_dim_multiplier`) and `rope_theta` carry over.
@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from corral.data.templates import get_template
 from corral.export.tokenizer_files import SPM_FILE
 from corral.model.artifacts import write_run_info
 from corral.utils.errors import ExportError
@@ -32,6 +33,12 @@ _LAYER_KEYS = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
+# Llama 3's pre-tokenisation split (Meta's tokenizer.py) and its count of special tokens.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_SPECIAL_COUNT = 256
 _TOP_KEYS = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
@@ -202,22 +209,29 @@ def _hf_name(name: str) -> str:
 
 
 def convert_tokenizer(input_dir: Path, out: Path) -> Any:
-    """Save Meta's SentencePiece tokenizer as a transformers tokenizer into `out`; return it.
+    """Save Meta's tokenizer as a transformers tokenizer into `out`; return it.
 
-    It keeps Meta's behaviour: BOS added to text, a space prefix, no EOS added.
+    `tokenizer.model` is SentencePiece for LLaMA / Llama 2 (BOS added to text, a space prefix,
+    no EOS added) and a tiktoken BPE file for Llama 3 (byte-level BPE plus 256 special tokens).
     """
+    spm = input_dir / SPM_FILE
+    if not spm.is_file():
+        raise ExportError(f"'{input_dir}' has no {SPM_FILE} (the tokenizer Meta ships)")
+    if _is_sentencepiece(spm):
+        return _sentencepiece_tokenizer(spm, out)
+    if _is_tiktoken(spm):
+        return _tiktoken_tokenizer(spm, out)
+    raise ExportError(
+        f"'{spm}' is neither a SentencePiece model (LLaMA, Llama 2) nor a tiktoken BPE file "
+        "(Llama 3)"
+    )
+
+
+def _sentencepiece_tokenizer(spm: Path, out: Path) -> Any:
     import tempfile
 
     from transformers import AutoTokenizer
 
-    spm = input_dir / SPM_FILE
-    if not spm.is_file():
-        raise ExportError(f"'{input_dir}' has no {SPM_FILE} (the tokenizer Meta ships)")
-    if not _is_sentencepiece(spm):
-        raise ExportError(
-            f"'{spm}' is not a SentencePiece model (Llama 3's tiktoken tokenizer is not "
-            "supported by corral convert yet)"
-        )
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copyfile(spm, Path(tmp) / SPM_FILE)
         settings = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "legacy": False}
@@ -226,6 +240,76 @@ def convert_tokenizer(input_dir: Path, out: Path) -> Any:
     tokenizer.save_pretrained(out)
     shutil.copyfile(spm, out / SPM_FILE)  # GGUF export reads the pieces' scores from it
     return tokenizer
+
+
+def llama3_special_tokens(n_special: int = LLAMA3_SPECIAL_COUNT) -> list[str]:
+    """Meta's Llama 3 special tokens in id order (after the BPE ranks), as its tokenizer.py has."""
+    named = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        "<|reserved_special_token_2|>",
+        "<|reserved_special_token_3|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|reserved_special_token_4|>",
+        "<|eot_id|>",
+    ]
+    reserved = [f"<|reserved_special_token_{i}|>" for i in range(5, n_special - 5)]
+    return named + reserved
+
+
+def _tiktoken_tokenizer(path: Path, out: Path) -> Any:
+    """Llama 3's tiktoken file -> a fast tokenizer: the same ids as Meta's tokenizer.py."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from corral.utils.deps import require
+
+    require("tiktoken")
+    specials = llama3_special_tokens()
+    backend = TikTokenConverter(
+        vocab_file=str(path), pattern=LLAMA3_PATTERN, extra_special_tokens=specials
+    ).converted()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    _add_bos_on_encode(tokenizer)
+    tokenizer.chat_template = get_template("llama3", tokenizer).jinja  # Meta's chat format
+    tokenizer.save_pretrained(out)
+    return tokenizer
+
+
+def _add_bos_on_encode(tokenizer: Any) -> None:
+    """Meta's Llama 3 encodes text as <|begin_of_text|> + BPE ids: the same post-processor."""
+    from tokenizers import processors
+
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A",
+        pair=f"{bos} $A {bos} $B",
+        special_tokens=[(bos, tokenizer.bos_token_id)],
+    )
+
+
+def _is_tiktoken(path: Path) -> bool:
+    """A tiktoken BPE file: lines of `base64-bytes rank`."""
+    import base64
+    import binascii
+
+    with open(path, "rb") as handle:
+        first = handle.readline().split()
+    if len(first) != 2 or not first[1].isdigit():
+        return False
+    try:
+        base64.b64decode(first[0], validate=True)
+    except binascii.Error:
+        return False
+    return True
 
 
 def _is_sentencepiece(path: Path) -> bool:

@@ -18,6 +18,7 @@ OPTIONAL = {
     "bitsandbytes": ("bitsandbytes", "QLoRA (4/8-bit quantised training, GPU only)"),
     "deepspeed": ("deepspeed", "DeepSpeed multi-GPU training"),
     "gradio": ("gradio", "the web UI"),
+    "tiktoken": ("corral[meta]", "converting Llama 3's tokenizer (corral convert meta)"),
 }
 
 
