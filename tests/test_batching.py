@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from corral.config.fields import GenerationConfig, ModelConfig
@@ -64,7 +66,7 @@ def test_text_tracker_budget_and_stop_id():
 def test_scheduler_cancelled_request_frees_its_row(engine):
     import threading
 
-    scheduler = BatchScheduler(engine, max_batch=4)
+    scheduler = BatchScheduler(functools.partial(decode_batch, engine), max_batch=4)
     done = threading.Event()
     got: list[Delta] = []
 

@@ -23,6 +23,10 @@ COMMANDS = {
     ),
     "train": ("corral.train.command", "Train a model: CONFIG.yaml and/or key=value overrides."),
     "chat": ("corral.chat.command", "Chat with a model in the terminal (streaming)."),
+    "serve": (
+        "corral.serve.command",
+        "Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming).",
+    ),
     "version": (
         "corral.utils.versions",
         "Print corral's and its libraries' versions and the device.",

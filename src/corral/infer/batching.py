@@ -7,7 +7,7 @@ the shared KV cache, so eight requests cost little more than one. Each row has i
 settings and seeded `torch.Generator`, its own stop ids, stop strings and token budget, and
 sends its text to its own sink as it is generated.
 
-    scheduler = BatchScheduler(engine, max_batch=8)
+    scheduler = BatchScheduler(functools.partial(decode_batch, engine), max_batch=8)
     handle = scheduler.submit(engine.prompt_ids(messages), SamplingParams(max_tokens=64), print)
     handle.cancel()  # e.g. the client went away: the row is dropped at the next step
 
@@ -167,12 +167,14 @@ class BatchScheduler:
     """A thread that decodes waiting requests together, `max_batch` at a time.
 
     Args:
-        engine: the loaded `ChatEngine` (model, tokenizer, stop ids and strings).
+        decode: runs one batch of handles to the end, sending each its deltas (e.g.
+            `functools.partial(decode_batch, engine)`; a backend without batching passes its
+            own function and `max_batch=1`).
         max_batch: most requests decoded together.
     """
 
-    def __init__(self, engine: Any, max_batch: int = 8):
-        self.engine = engine
+    def __init__(self, decode: Callable[[list[Handle]], None], max_batch: int = 8):
+        self.decode = decode
         self.max_batch = max_batch
         self.waiting: queue.Queue[Handle | None] = queue.Queue()
         self.busy = threading.Event()
@@ -210,7 +212,7 @@ class BatchScheduler:
                 continue
             self.busy.set()
             try:
-                decode_batch(self.engine, batch)
+                self.decode(batch)
             except Exception as exc:  # one bad batch must not kill the server
                 get_logger().exception("generation failed")
                 for handle in batch:
@@ -266,12 +268,18 @@ def decode_batch(engine: Any, handles: list[Handle]) -> None:
 
 
 def _tracker(engine: Any, params: SamplingParams) -> TextTracker:
-    def decode(ids: list[int]) -> str:
-        return engine.tokenizer.decode(ids, skip_special_tokens=True)
+    return text_tracker(engine.tokenizer, engine.stop_ids, engine.stop_texts, params)
 
-    return TextTracker(
-        decode, engine.stop_ids, [*engine.stop_texts, *params.stop], params.max_tokens
-    )
+
+def text_tracker(
+    tokenizer: Any, stop_ids: list[int], stop_texts: list[str], params: SamplingParams
+) -> TextTracker:
+    """A `TextTracker` decoding with a Hugging Face tokenizer, the request's stops added."""
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    return TextTracker(decode, stop_ids, [*stop_texts, *params.stop], params.max_tokens)
 
 
 def _generator(seed: int | None, device: Any) -> Any:
