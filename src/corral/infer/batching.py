@@ -177,7 +177,7 @@ class BatchScheduler:
         self.decode = decode
         self.max_batch = max_batch
         self.waiting: queue.Queue[Handle | None] = queue.Queue()
-        self.busy = threading.Event()
+        self.running: list[Handle] = []
         self._thread = threading.Thread(target=self._loop, name="corral-batcher", daemon=True)
         self._thread.start()
 
@@ -187,13 +187,17 @@ class BatchScheduler:
         self.waiting.put(handle)
         return handle
 
-    def close(self) -> None:
-        """Cancel everything waiting and stop the thread after the current step."""
+    def close(self, timeout: float = 10) -> None:
+        """Cancel every request (waiting or decoding) and wait for the thread to stop."""
+        for handle in self.running:
+            handle.cancel()
         while not self.waiting.empty():
             item = self.waiting.get_nowait()
             if item is not None:
                 item.cancel()
         self.waiting.put(None)
+        # joined, not left to die at exit: a daemon thread inside torch at exit can abort
+        self._thread.join(timeout)
 
     def _loop(self) -> None:
         while True:
@@ -210,7 +214,7 @@ class BatchScheduler:
             batch = [h for h in batch if not h.cancelled.is_set()]
             if not batch:
                 continue
-            self.busy.set()
+            self.running = batch
             try:
                 self.decode(batch)
             except Exception as exc:  # one bad batch must not kill the server
@@ -218,7 +222,7 @@ class BatchScheduler:
                 for handle in batch:
                     handle.sink(exc)
             finally:
-                self.busy.clear()
+                self.running = []
 
 
 def decode_batch(engine: Any, handles: list[Handle]) -> None:

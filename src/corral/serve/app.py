@@ -135,7 +135,9 @@ def _sampling(body: Any, prompt: list[int], limit: int | None, backend: Any) -> 
         raise HTTPException(400, "the prompt is empty")
     if context and len(prompt) >= context:
         raise HTTPException(
-            400, f"the prompt is {len(prompt)} tokens; the model's context is {context} tokens"
+            400,
+            f"the prompt is {len(prompt)} tokens: it must be shorter than the model's context "
+            f"of {context} tokens; shorten the conversation",
         )
     max_tokens = limit or (context - len(prompt) if context else 512)
     if context and len(prompt) + max_tokens > context:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 
 from corral.config.cli_args import add_config_args, config_from_args
 
@@ -64,8 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the backend and serve until SIGTERM/Ctrl-C."""
-    import uvicorn
+    from corral.utils.deps import require
 
+    require("fastapi")
+    uvicorn = require("uvicorn")
     from corral.serve.app import create_app
     from corral.serve.backends import load_backend
     from corral.utils.errors import CorralError
@@ -82,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("CORRAL_API_KEY") or None
     app = create_app(backend, served_model_name=name, api_key=api_key)
     get_logger().info(f"serving '{name}' ({args.backend}) on http://{args.host}:{args.port}/v1")
+    # uvicorn shuts down gracefully on SIGTERM, then re-sends it to the previous handler; this
+    # one makes that a normal exit (status 0) rather than death by signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(
         app,
         host=args.host,
