@@ -56,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--served-model-name", default=None, help="Model id clients use (default: the model)."
     )
     parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="Cap the context (prompt + reply tokens) below the model's own (default: the model's).",
+    )
+    parser.add_argument(
         "--max-concurrency",
         type=int,
         default=8,
@@ -81,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     for note in config.notes:
         get_logger().warning(note)
     backend = load_backend(args.backend, config.model, args.max_concurrency)
+    if args.max_model_len:
+        backend.context_len = min(backend.context_len or args.max_model_len, args.max_model_len)
     name = args.served_model_name or _model_name(config.model)
     api_key = args.api_key or os.environ.get("CORRAL_API_KEY") or None
     app = create_app(backend, served_model_name=name, api_key=api_key)
