@@ -116,6 +116,9 @@ class LlamaCppBackend(Backend):
             tracker = text_tracker(self.tokenizer, self.stop_ids, self.stop_texts, params)
             if params.seed is not None:
                 self.llm.set_seed(params.seed)
+            # a full prefill every time: reusing a cached prefix changes the numerics, and so
+            # greedy replies would depend on the previous request
+            self.llm.reset()
             tokens = self.llm.generate(
                 handle.prompt_ids,
                 top_k=params.top_k,
