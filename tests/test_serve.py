@@ -216,6 +216,20 @@ def test_16_concurrent_streams_get_their_own_replies(client):
     assert len(set(alone)) > 1, "different prompts should give different replies"
 
 
+def test_client_disconnect_mid_stream_frees_its_slot(tiny_server):
+    before = httpx.get(f"{tiny_server}/health").json()["abandoned"]
+    body = {"messages": HELLO, "max_tokens": 480, "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{tiny_server}/v1/chat/completions", json=body) as response:
+        assert next(response.iter_lines()).startswith("data: ")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{tiny_server}/health").json()
+        if health["abandoned"] > before and health["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert (health["abandoned"], health["running"]) == (before + 1, 0)
+
+
 def _timed_requests(client, count: int) -> list[tuple[float, float]]:
     spans: list[tuple[float, float]] = []
 

@@ -157,6 +157,12 @@ class Handle:
         self.params = params
         self.sink = sink
         self.cancelled = threading.Event()
+        self.finished = False
+
+    def send(self, delta: Delta) -> None:
+        """Pass `delta` to the sink; the one with a finish reason marks the request finished."""
+        self.finished = delta.finish_reason is not None
+        self.sink(delta)
 
     def cancel(self) -> None:
         """Stop generating for this request (its sink gets nothing more)."""
@@ -198,6 +204,10 @@ class BatchScheduler:
         self.waiting.put(None)
         # joined, not left to die at exit: a daemon thread inside torch at exit can abort
         self._thread.join(timeout)
+
+    def load(self) -> int:
+        """Requests waiting or being decoded."""
+        return self.waiting.qsize() + sum(not h.cancelled.is_set() for h in self.running)
 
     def _loop(self) -> None:
         while True:
@@ -264,7 +274,7 @@ def decode_batch(engine: Any, handles: list[Handle]) -> None:
                 chosen[row] = pick_token(logits[row], handle.params, generators[row], tracker.ids)
                 text = tracker.add(chosen[row])
                 if tracker.finish_reason or text:
-                    handle.sink(Delta(text, tracker.finish_reason, tracker.count))
+                    handle.send(Delta(text, tracker.finish_reason, tracker.count))
                 live[row] = tracker.finish_reason is None
             ids = torch.tensor(chosen, device=device)[:, None]
             mask = torch.cat([mask, mask.new_ones((len(handles), 1))], dim=-1)

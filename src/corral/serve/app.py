@@ -71,13 +71,15 @@ def create_app(
     )
     app.state.backend = backend
     app.state.model_name = served_model_name
+    app.state.abandoned = 0
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     _add_error_handlers(app)
     auth = [Depends(_key_checker(api_key))] if api_key else []
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok"}
+        """Liveness, plus requests in progress and replies abandoned by their client."""
+        return {"status": "ok", "running": backend.load(), "abandoned": app.state.abandoned}
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=auth)
     async def models() -> ModelList:
@@ -161,8 +163,10 @@ def _sampling(body: Any, prompt: list[int], limit: int | None, backend: Any) -> 
     ]
 
 
-async def _deltas(backend: Any, prompt: list[int], params: list) -> AsyncIterator[tuple]:
-    """(choice index, Delta) as the backend produces them; cancels everything when closed."""
+async def _deltas(app: FastAPI, prompt: list[int], params: list) -> AsyncIterator[tuple]:
+    """(choice index, Delta) as the backend produces them; closing it early (the client went
+    away, or shutdown) cancels the unfinished requests, which frees their rows in the batch."""
+    backend = app.state.backend
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
 
@@ -183,6 +187,7 @@ async def _deltas(backend: Any, prompt: list[int], params: list) -> AsyncIterato
     finally:
         for handle in handles:
             handle.cancel()
+        app.state.abandoned += any(not handle.finished for handle in handles)
 
 
 async def _respond(app: FastAPI, body: Any, prompt: list[int], limit: int | None, chat: bool):
@@ -193,7 +198,7 @@ async def _respond(app: FastAPI, body: Any, prompt: list[int], limit: int | None
         "created": int(time.time()),
         "model": app.state.model_name,
     }
-    deltas = _deltas(app.state.backend, prompt, params)
+    deltas = _deltas(app, prompt, params)
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         events = _sse(deltas, meta, len(prompt), chat, usage)

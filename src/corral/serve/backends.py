@@ -64,6 +64,10 @@ class Backend:
         """Start generating; `sink` receives `Delta`s (or an exception) from another thread."""
         return self.scheduler.submit(prompt_ids, params, sink)
 
+    def load(self) -> int:
+        """Requests waiting or being generated."""
+        return self.scheduler.load()
+
     def close(self) -> None:
         """Cancel waiting requests and stop the worker thread."""
         self.scheduler.close()
@@ -133,7 +137,7 @@ class LlamaCppBackend(Backend):
                     break
                 text = tracker.add(int(token))
                 if tracker.finish_reason or text:
-                    handle.sink(Delta(text, tracker.finish_reason, tracker.count))
+                    handle.send(Delta(text, tracker.finish_reason, tracker.count))
                 if tracker.finish_reason:
                     break
 
