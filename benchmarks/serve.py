@@ -25,6 +25,16 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 PROMPT = "Write a long story about a dragon who learns to cook."
+MESSAGES = [{"role": "user", "content": PROMPT}]
+
+
+def _prompt_ids() -> list[int]:
+    """The chat prompt's ids through corral's template layer (what the server feeds the model)."""
+    from corral.data.templates import encode_prompt, get_template
+    from corral.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer("default")
+    return encode_prompt(get_template(None, tokenizer), tokenizer, MESSAGES)
 
 
 def main() -> None:
@@ -65,7 +75,7 @@ def raw_hf(max_tokens: int, concurrency: int) -> dict:
     from corral.infer.engine import ChatEngine
 
     engine = ChatEngine(ModelConfig())
-    ids = torch.tensor([engine.prompt_ids([{"role": "user", "content": PROMPT}])])
+    ids = torch.tensor([engine.prompt_ids(MESSAGES)])
 
     def one() -> tuple[float, float, int]:
         streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True)
@@ -90,11 +100,12 @@ def raw_llamacpp(max_tokens: int, concurrency: int) -> dict:
     import llama_cpp
 
     llm = llama_cpp.Llama(_default_gguf(), n_ctx=0, verbose=False)
+    ids = _prompt_ids()
 
     def one() -> tuple[float, float, int]:
         start, first, count = time.perf_counter(), None, 0
         llm.reset()
-        for _ in llm.create_completion(PROMPT, max_tokens=max_tokens, temperature=0, stream=True):
+        for _ in llm.create_completion(ids, max_tokens=max_tokens, temperature=0, stream=True):
             first = first or time.perf_counter()
             count += 1
         return start, first, count
@@ -152,16 +163,16 @@ def served_numbers(backend: str, max_tokens: int, concurrency: int) -> dict:
 def _stream(client, max_tokens: int) -> tuple[float, float, float, int]:
     start, first = time.perf_counter(), None
     count = 0
-    stream = client.completions.create(
+    stream = client.chat.completions.create(
         model="m",
-        prompt=PROMPT,
+        messages=MESSAGES,
         max_tokens=max_tokens,
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
     )
     for chunk in stream:
-        if chunk.choices and chunk.choices[0].text and first is None:
+        if chunk.choices and chunk.choices[0].delta.content and first is None:
             first = time.perf_counter()
         if chunk.usage:
             count = chunk.usage.completion_tokens
@@ -196,7 +207,7 @@ def report(backend: str, raw: dict, served: dict, concurrency: int) -> None:
         (f"total tok/s, {concurrency} requests", "concurrent"),
     ]
     for label, key in rows:
-        ratio = served[key] / raw[key]
+        ratio = served[key] / raw[key] if raw[key] else float("nan")
         print(f"  {label:<32} {served[key]:8.3f} / {raw[key]:8.3f} = {ratio:5.2f}x")
 
 

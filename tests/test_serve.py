@@ -102,6 +102,22 @@ def _prompt_len(tokenizer, messages) -> int:
     return len(encode_prompt(get_template(None, tokenizer), tokenizer, messages))
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", "vllm"], "vllm"),
+        (["--backend", "llamacpp", "--model", "missing.gguf"], "needs a .gguf file"),
+        (["--max-concurrency", "0"], "--max-concurrency must be at least 1"),
+    ],
+)
+def test_bad_serve_options_are_one_line_errors(args, message):
+    environ = {**os.environ, "PYTHONPATH": str(SRC)}
+    command = [sys.executable, "-m", "corral", "serve", *args]
+    done = subprocess.run(command, env=environ, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
 def test_models_lists_the_served_name(client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
 

@@ -100,13 +100,13 @@ class LlamaCppBackend(Backend):
         from corral.data.templates import get_template
         from corral.utils.deps import require
 
-        llama_cpp = require("llama_cpp")
         path = Path(model_config.model_name_or_path)
         if path.suffix != ".gguf" or not path.is_file():
             raise CorralError(
                 f"--backend llamacpp needs a .gguf file as --model; got "
                 f"'{model_config.model_name_or_path}' (export one with corral export --format gguf)"
             )
+        llama_cpp = require("llama_cpp")
         tokenizer = _gguf_tokenizer(path)
         template = get_template(model_config.template, tokenizer)
         super().__init__(tokenizer, template, model_config.default_system)
