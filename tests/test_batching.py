@@ -83,3 +83,22 @@ def test_scheduler_cancelled_request_frees_its_row(engine):
     scheduler.submit(prompt, SamplingParams(max_tokens=5, temperature=0), sink)
     assert done.wait(30)
     scheduler.close()
+
+
+def test_rows_leave_the_batch_when_they_finish(engine):
+    """Budgets of 1, 5 and 12 tokens in one batch: each row equals its single-request reply."""
+    conversations = [[{"role": "user", "content": q}] for q in QUESTIONS[:3]]
+    prompts = [engine.prompt_ids(c) for c in conversations]
+    from corral.infer.batching import Handle
+
+    outputs = [[] for _ in prompts]
+    budgets = [1, 5, 12]
+    handles = [
+        Handle(p, SamplingParams(max_tokens=b, temperature=0), outputs[i].append)
+        for i, (p, b) in enumerate(zip(prompts, budgets, strict=True))
+    ]
+    decode_batch(engine, handles)
+    for conversation, budget, out in zip(conversations, budgets, outputs, strict=True):
+        reply = engine.chat(conversation, temperature=0, max_new_tokens=budget)
+        assert "".join(d.text for d in out) == reply.text
+        assert out[-1].completion_tokens == reply.completion_tokens

@@ -236,24 +236,21 @@ class BatchScheduler:
 
 
 def decode_batch(engine: Any, handles: list[Handle]) -> None:
-    """Prefill `handles`' prompts together, then decode one token per step for every live row."""
+    """Prefill `handles`' prompts together, then decode one token per step for every live row.
+
+    Rows that finish or are cancelled leave the batch (and the KV cache) at once, so the
+    remaining rows run at the speed of a smaller batch.
+    """
     import torch
 
     model, device = engine.model, engine.model.device
     trackers = [_tracker(engine, h.params) for h in handles]
     generators = [_generator(h.params.seed, device) for h in handles]
-    width = max(len(h.prompt_ids) for h in handles)
-    pad = engine.pad_id()
-    ids = torch.tensor([[pad] * (width - len(h.prompt_ids)) + h.prompt_ids for h in handles])
-    mask = torch.tensor(
-        [[0] * (width - len(h.prompt_ids)) + [1] * len(h.prompt_ids) for h in handles]
-    )
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-    live = [True] * len(handles)
-    cache = None
+    ids, mask, positions = _left_padded([h.prompt_ids for h in handles], engine.pad_id(), device)
+    active = list(range(len(handles)))  # batch row -> index into handles
+    cache: Any = None
     with torch.inference_mode():
-        while any(live):
+        while True:
             out = model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -261,24 +258,45 @@ def decode_batch(engine: Any, handles: list[Handle]) -> None:
                 past_key_values=cache,
                 use_cache=True,
             )
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :]
-            chosen = [pad] * len(handles)
-            for row, handle in enumerate(handles):
-                if not live[row]:
-                    continue
-                if handle.cancelled.is_set():
-                    live[row] = False
-                    continue
-                tracker = trackers[row]
-                chosen[row] = pick_token(logits[row], handle.params, generators[row], tracker.ids)
-                text = tracker.add(chosen[row])
-                if tracker.finish_reason or text:
-                    handle.send(Delta(text, tracker.finish_reason, tracker.count))
-                live[row] = tracker.finish_reason is None
-            ids = torch.tensor(chosen, device=device)[:, None]
-            mask = torch.cat([mask, mask.new_ones((len(handles), 1))], dim=-1)
+            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            chosen = {}
+            for row, index in enumerate(active):
+                token = _step(handles[index], trackers[index], generators[index], logits[row])
+                if token is not None:
+                    chosen[row] = token
+            if not chosen:
+                return
+            if len(chosen) < len(active):
+                keep = torch.tensor(sorted(chosen), device=device)
+                cache.reorder_cache(keep)  # drop finished rows from the KV cache
+                mask, positions = mask[keep], positions[keep]
+            active = [active[row] for row in sorted(chosen)]
+            ids = torch.tensor([chosen[row] for row in sorted(chosen)], device=device)[:, None]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
             positions = positions[:, -1:] + 1
+
+
+def _left_padded(prompts: list[list[int]], pad: int, device: Any) -> tuple[Any, Any, Any]:
+    """(input_ids, attention_mask, position_ids) for prompts padded on the left to one width."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    # positions count real tokens only, so a padded row sees the positions it would see alone
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def _step(handle: Handle, tracker: TextTracker, generator: Any, logits: Any) -> int | None:
+    """Pick and send one row's next token; None when the row is done or cancelled."""
+    if handle.cancelled.is_set():
+        return None
+    token = pick_token(logits, handle.params, generator, tracker.ids)
+    text = tracker.add(token)
+    if tracker.finish_reason or text:
+        handle.send(Delta(text, tracker.finish_reason, tracker.count))
+    return None if tracker.finish_reason else token
 
 
 def _tracker(engine: Any, params: SamplingParams) -> TextTracker:
