@@ -69,7 +69,6 @@ def _default_gguf() -> str:
 def raw_hf(max_tokens: int, concurrency: int) -> dict:
     """`model.generate` on the default model: TTFT, decode tok/s, serial tok/s."""
     import torch
-    from transformers import TextIteratorStreamer
 
     from corral.config.fields import ModelConfig
     from corral.infer.engine import ChatEngine
@@ -77,22 +76,23 @@ def raw_hf(max_tokens: int, concurrency: int) -> dict:
     engine = ChatEngine(ModelConfig())
     ids = torch.tensor([engine.prompt_ids(MESSAGES)])
 
-    def one() -> tuple[float, float, int]:
-        streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True)
-        kwargs = {"max_new_tokens": max_tokens, "min_new_tokens": max_tokens, "do_sample": False}
+    def generate(tokens: int) -> float:
         start = time.perf_counter()
-        thread = threading.Thread(
-            target=lambda: engine.model.generate(ids, streamer=streamer, **kwargs)
-        )
         with torch.inference_mode():
-            thread.start()
-            first = None
-            for piece in streamer:
-                first = first or (time.perf_counter() if piece else None)
-            thread.join()
-        return start, first or time.perf_counter(), max_tokens
+            engine.model.generate(
+                ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False
+            )
+        return time.perf_counter() - start
 
-    return _raw_numbers(one, concurrency)
+    generate(max_tokens)  # warm-up
+    ttft = generate(1)  # prefill and the first token
+    total = generate(max_tokens)
+    serial = sum(generate(max_tokens) for _ in range(concurrency))
+    return {
+        "ttft": ttft,
+        "decode": (max_tokens - 1) / (total - ttft),
+        "concurrent": concurrency * max_tokens / serial,
+    }
 
 
 def raw_llamacpp(max_tokens: int, concurrency: int) -> dict:
