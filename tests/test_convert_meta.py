@@ -225,7 +225,20 @@ def test_convert_train_export_gguf(tmp_path, spm_tokenizer_model):
 
 # --- Llama 3: a tiktoken BPE file instead of SentencePiece ---------------------------------
 
-_MERGED = [b"he", b"ll", b"llo", b"hello", b" w", b"or", b"ld", b" wor", b" world", b"in", b"ing", b"xy"]
+_MERGED = [
+    b"he",
+    b"ll",
+    b"llo",
+    b"hello",
+    b" w",
+    b"or",
+    b"ld",
+    b" wor",
+    b" world",
+    b"in",
+    b"ing",
+    b"xy",
+]
 
 
 @pytest.fixture

@@ -35,6 +35,10 @@ COMMANDS = {
         "corral.eval.command",
         "Evaluate a model: generation metrics, perplexity, multiple choice; compare runs.",
     ),
+    "serve": (
+        "corral.serve.command",
+        "Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming).",
+    ),
     "version": (
         "corral.utils.versions",
         "Print corral's and its libraries' versions and the device.",

@@ -134,7 +134,7 @@ class ChatEngine:
         prompts = [self.prompt_ids(messages) for messages in conversations]
         width = max(len(p) for p in prompts)
         self._check_length(width, settings.max_new_tokens)
-        pad = self._pad_id()
+        pad = self.pad_id()
         input_ids = torch.tensor(
             [[pad] * (width - len(p)) + p for p in prompts], device=self.model.device
         )
@@ -151,7 +151,8 @@ class ChatEngine:
             replies.append(self._reply(text, prompt, ids, settings, interrupted=False))
         return replies
 
-    def _pad_id(self) -> int:
+    def pad_id(self) -> int:
+        """The id left padding uses (the tokenizer's pad token, else the first stop id)."""
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.stop_ids[0]
 
@@ -186,7 +187,7 @@ class ChatEngine:
         kwargs: dict[str, Any] = {
             "max_new_tokens": settings.max_new_tokens,
             "eos_token_id": self.stop_ids,
-            "pad_token_id": self._pad_id(),
+            "pad_token_id": self.pad_id(),
             "streamer": streamer,
             "stopping_criteria": StoppingCriteriaList([_StopOnEvent()]),
             "repetition_penalty": settings.repetition_penalty,

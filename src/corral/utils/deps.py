@@ -14,6 +14,8 @@ from corral.utils.errors import MissingDependencyError
 # module name -> (pip extra or package, what it is needed for)
 OPTIONAL = {
     "llama_cpp": ("corral[llamacpp]", "the llama.cpp backend and GGUF checks"),
+    "fastapi": ("corral[serve]", "corral serve (the HTTP API)"),
+    "uvicorn": ("corral[serve]", "corral serve (the HTTP API)"),
     "vllm": ("vllm", "the vLLM backend (GPU only)"),
     "bitsandbytes": ("bitsandbytes", "QLoRA (4/8-bit quantised training, GPU only)"),
     "deepspeed": ("deepspeed", "DeepSpeed multi-GPU training"),

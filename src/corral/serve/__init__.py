@@ -1,0 +1,1 @@
+"""`corral serve`: an OpenAI-compatible HTTP API over corral's inference backends."""

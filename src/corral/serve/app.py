@@ -1,0 +1,327 @@
+"""The FastAPI application: OpenAI's routes over one `Backend`.
+
+    app = create_app(backend, served_model_name="corral", api_key="secret")
+    uvicorn.run(app)   # what `corral serve` does, bound to 127.0.0.1 by default
+
+Every error is OpenAI's JSON (`{"error": {"message", "type", "param", "code"}}`): 401 for a
+missing or wrong key, 422 for malformed JSON or wrong types, 400 for a prompt that does not fit
+the model's context, 413 for an oversized body. A client that disconnects mid-stream cancels its
+request, which frees its place in the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from corral.infer.batching import Delta, SamplingParams
+from corral.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    new_id,
+)
+from corral.utils.errors import CorralError
+
+MAX_BODY_BYTES = 1 << 20
+ERRORS = {
+    400: {"model": ErrorResponse},
+    401: {"model": ErrorResponse},
+    413: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+}
+
+
+def create_app(
+    backend: Any,
+    *,
+    served_model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The API app serving `backend` under the name `served_model_name`.
+
+    Args:
+        backend: a `corral.serve.backends.Backend`.
+        served_model_name: the id `/v1/models` lists and responses carry.
+        api_key: when set, every /v1 route requires `Authorization: Bearer <api_key>`.
+        max_body_bytes: larger request bodies get 413.
+    """
+    from corral import __version__
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        backend.close()  # shutdown (e.g. SIGTERM): cancel whatever is still waiting
+
+    app = FastAPI(
+        title="corral", version=__version__, description="OpenAI-compatible API", lifespan=lifespan
+    )
+    app.state.backend = backend
+    app.state.model_name = served_model_name
+    app.state.abandoned = 0
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    _add_error_handlers(app)
+    auth = [Depends(_key_checker(api_key))] if api_key else []
+
+    @app.get("/health")
+    async def health() -> dict:
+        """Liveness, plus requests in progress and replies abandoned by their client."""
+        return {"status": "ok", "running": backend.load(), "abandoned": app.state.abandoned}
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=auth)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=served_model_name)])
+
+    @app.post("/v1/chat/completions", responses=ERRORS, dependencies=auth)
+    async def chat_completions(body: ChatCompletionRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        prompt = _user_error(backend.chat_ids, messages)
+        limit = body.max_completion_tokens or body.max_tokens
+        return await _respond(app, body, prompt, limit, chat=True)
+
+    @app.post("/v1/completions", responses=ERRORS, dependencies=auth)
+    async def completions(body: CompletionRequest):
+        if isinstance(body.prompt, str):
+            prompt = _user_error(backend.text_ids, body.prompt)
+        else:
+            prompt = _check_ids(body.prompt, len(backend.tokenizer))
+        return await _respond(app, body, prompt, body.max_tokens, chat=False)
+
+    return app
+
+
+def _key_checker(api_key: str):
+    """A dependency: 401 unless the request carries `Authorization: Bearer <api_key>`."""
+    expected = api_key.encode()
+
+    async def check(request: Request) -> None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken does not reveal how much of the key matched
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+            raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
+
+    return check
+
+
+def _user_error(function, *args):
+    try:
+        return function(*args)
+    except CorralError as exc:
+        raise HTTPException(400, str(exc)) from exc
+
+
+def _check_ids(ids: list[int], vocab: int) -> list[int]:
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise HTTPException(400, f"prompt token ids must be in 0..{vocab - 1}; got {bad[0]}")
+    return ids
+
+
+def _sampling(body: Any, prompt: list[int], limit: int | None, backend: Any) -> list:
+    """One SamplingParams per choice, after checking the prompt and budget fit the context."""
+    context = backend.context_len
+    if not prompt:
+        raise HTTPException(400, "the prompt is empty")
+    if context and len(prompt) >= context:
+        raise HTTPException(
+            400,
+            f"the prompt is {len(prompt)} tokens: it must be shorter than the model's context "
+            f"of {context} tokens; shorten the conversation",
+        )
+    max_tokens = limit or (context - len(prompt) if context else 512)
+    if context and len(prompt) + max_tokens > context:
+        raise HTTPException(
+            400,
+            f"the prompt is {len(prompt)} tokens and max_tokens is {max_tokens}: more than the "
+            f"model's context of {context} tokens; lower max_tokens to at most "
+            f"{context - len(prompt)}",
+        )
+    return [
+        SamplingParams(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=None if body.seed is None else body.seed + index,
+            stop=body.stop_list(),
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+        )
+        for index in range(body.n)
+    ]
+
+
+async def _deltas(app: FastAPI, prompt: list[int], params: list) -> AsyncIterator[tuple]:
+    """(choice index, Delta) as the backend produces them; closing it early (the client went
+    away, or shutdown) cancels the unfinished requests, which frees their rows in the batch."""
+    backend = app.state.backend
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue = asyncio.Queue()
+
+    def sink(index: int, item: Any) -> None:
+        # RuntimeError: the event loop is gone (shutdown), so nobody is listening
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(inbox.put_nowait, (index, item))
+
+    handles = [backend.submit(prompt, p, functools.partial(sink, i)) for i, p in enumerate(params)]
+    remaining = len(handles)
+    try:
+        while remaining:
+            index, item = await inbox.get()
+            if isinstance(item, BaseException):
+                raise item
+            remaining -= item.finish_reason is not None
+            yield index, item
+    finally:
+        for handle in handles:
+            handle.cancel()
+        app.state.abandoned += any(not handle.finished for handle in handles)
+
+
+async def _respond(app: FastAPI, body: Any, prompt: list[int], limit: int | None, chat: bool):
+    params = _sampling(body, prompt, limit, app.state.backend)
+    meta = {
+        "id": new_id("chatcmpl" if chat else "cmpl"),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": app.state.model_name,
+    }
+    deltas = _deltas(app, prompt, params)
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        events = _sse(deltas, meta, len(prompt), chat, usage)
+        return StreamingResponse(events, media_type="text/event-stream")
+    texts, finish, used = [""] * body.n, [None] * body.n, [0] * body.n
+    async for index, delta in deltas:
+        texts[index] += delta.text
+        finish[index], used[index] = delta.finish_reason, delta.completion_tokens
+    choices = [_choice(i, texts[i], finish[i], chat) for i in range(body.n)]
+    return {**meta, "choices": choices, "usage": _usage(len(prompt), sum(used))}
+
+
+def _choice(index: int, text: str, finish: str | None, chat: bool) -> dict:
+    if chat:
+        message = {"role": "assistant", "content": text}
+        return {"index": index, "message": message, "finish_reason": finish, "logprobs": None}
+    return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+async def _sse(
+    deltas: AsyncIterator, meta: dict, prompt_tokens: int, chat: bool, include_usage: bool
+) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    meta = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
+    extra = {"usage": None} if include_usage else {}
+    started: set[int] = set()
+    used = 0
+    try:
+        async for index, delta in deltas:
+            choice = _chunk_choice(index, delta, chat, first=index not in started)
+            started.add(index)
+            used += delta.completion_tokens if delta.finish_reason else 0
+            yield f"data: {json.dumps({**meta, 'choices': [choice], **extra})}\n\n"
+        if include_usage:
+            final = {**meta, "choices": [], "usage": _usage(prompt_tokens, used)}
+            yield f"data: {json.dumps(final)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        await deltas.aclose()
+
+
+def _chunk_choice(index: int, delta: Delta, chat: bool, first: bool) -> dict:
+    if not chat:
+        return {"index": index, "text": delta.text, "finish_reason": delta.finish_reason}
+    content = {"role": "assistant", "content": delta.text} if first else {"content": delta.text}
+    return {"index": index, "delta": content, "finish_reason": delta.finish_reason}
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": str(status)}}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape."""
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    kinds = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = kinds.get(exc.status_code, "invalid_request_error")
+        return _error(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = exc.errors()
+        first = problems[0] if problems else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in problems[:5]
+        )
+        return _error(422, message or "invalid request", "invalid_request_error", where)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        return _error(500, f"internal error: {type(exc).__name__}", "server_error")
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for request bodies over `max_bytes` (declared or streamed)."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            return await self._reject(send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise HTTPException(413, f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+    async def _reject(self, send: Any) -> None:
+        body = json.dumps(
+            {
+                "error": {
+                    "message": f"request body over {self.max_bytes} bytes (or a bad Content-Length)",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "413",
+                }
+            }
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,174 @@
+"""The server's backends behind one small interface: `hf` (default), `llamacpp`, `vllm`.
+
+A backend turns a conversation or a raw prompt into token ids (through corral's template
+layer, so a tuned model is served with the template it was trained with), and streams
+`Delta`s for submitted requests to a sink, from its own thread:
+
+    backend = load_backend("hf", model_config, max_concurrency=8)
+    ids = backend.chat_ids([{"role": "user", "content": "Hi"}])
+    handle = backend.submit(ids, SamplingParams(max_tokens=32, temperature=0), sink)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from corral.config.fields import ModelConfig
+from corral.infer.batching import (
+    BatchScheduler,
+    Delta,
+    Handle,
+    SamplingParams,
+    decode_batch,
+    text_tracker,
+)
+from corral.utils.errors import CorralError
+
+BACKENDS = ("hf", "llamacpp", "vllm")
+
+
+class Backend:
+    """What the API needs from a backend.
+
+    Attributes:
+        name: "hf", "llamacpp" or "vllm".
+        context_len: the model's context in tokens (None when unknown).
+        supports_penalties: whether presence/frequency penalties are applied.
+    """
+
+    name = "backend"
+    context_len: int | None = None
+    supports_penalties = True
+
+    def __init__(self, tokenizer: Any, template: Any, system: str | None):
+        from corral.data.templates import stop_strings, stop_token_ids
+
+        self.tokenizer, self.template, self.system = tokenizer, template, system
+        self.stop_ids = stop_token_ids(template, tokenizer)
+        self.stop_texts = stop_strings(template, tokenizer)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt ids for a conversation, rendered by corral's template layer."""
+        from corral.data.templates import encode_prompt
+
+        return encode_prompt(self.template, self.tokenizer, messages, system=self.system)
+
+    def text_ids(self, prompt: str) -> list[int]:
+        """The ids of a raw completion prompt (the tokenizer's usual special tokens added)."""
+        return self.tokenizer(prompt)["input_ids"]
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable) -> Handle:
+        """Start generating; `sink` receives `Delta`s (or an exception) from another thread."""
+        return self.scheduler.submit(prompt_ids, params, sink)
+
+    def load(self) -> int:
+        """Requests waiting or being generated."""
+        return self.scheduler.load()
+
+    def close(self) -> None:
+        """Cancel waiting requests and stop the worker thread."""
+        self.scheduler.close()
+
+
+class HFBackend(Backend):
+    """transformers: `ChatEngine`'s model, decoded in batches by `BatchScheduler`."""
+
+    name = "hf"
+
+    def __init__(self, model_config: ModelConfig, max_concurrency: int):
+        from corral.infer.engine import ChatEngine
+
+        self.engine = ChatEngine(model_config)
+        super().__init__(
+            self.engine.tokenizer, self.engine.template, self.engine.model_config.default_system
+        )
+        self.context_len = self.engine.context_len
+        self.scheduler = BatchScheduler(
+            functools.partial(decode_batch, self.engine), max_batch=max_concurrency
+        )
+
+
+class LlamaCppBackend(Backend):
+    """A GGUF file through llama-cpp-python (one request at a time: llama.cpp's CPU path)."""
+
+    name = "llamacpp"
+
+    def __init__(self, model_config: ModelConfig, max_concurrency: int):  # noqa: ARG002
+        from corral.data.templates import get_template
+        from corral.utils.deps import require
+
+        path = Path(model_config.model_name_or_path)
+        if path.suffix != ".gguf" or not path.is_file():
+            raise CorralError(
+                f"--backend llamacpp needs a .gguf file as --model; got "
+                f"'{model_config.model_name_or_path}' (export one with corral export --format gguf)"
+            )
+        llama_cpp = require("llama_cpp")
+        tokenizer = _gguf_tokenizer(path)
+        template = get_template(model_config.template, tokenizer)
+        super().__init__(tokenizer, template, model_config.default_system)
+        self.llm = llama_cpp.Llama(str(path), n_ctx=0, verbose=False, logits_all=False)
+        self.context_len = self.llm.n_ctx()
+        self.scheduler = BatchScheduler(self._decode, max_batch=1)
+
+    def _decode(self, handles: list[Handle]) -> None:
+        for handle in handles:
+            params = handle.params
+            tracker = text_tracker(self.tokenizer, self.stop_ids, self.stop_texts, params)
+            if params.seed is not None:
+                self.llm.set_seed(params.seed)
+            # a full prefill every time: reusing a cached prefix changes the numerics, and so
+            # greedy replies would depend on the previous request
+            self.llm.reset()
+            tokens = self.llm.generate(
+                handle.prompt_ids,
+                top_k=params.top_k,
+                top_p=params.top_p,
+                min_p=0.0,
+                temp=params.temperature,
+                presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty,
+            )
+            for token in tokens:
+                if handle.cancelled.is_set():
+                    break
+                text = tracker.add(int(token))
+                if tracker.finish_reason or text:
+                    handle.send(Delta(text, tracker.finish_reason, tracker.count))
+                if tracker.finish_reason:
+                    break
+
+
+def _gguf_tokenizer(path: Path) -> Any:
+    """The Hugging Face tokenizer stored in a GGUF file (same ids as llama.cpp's)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def _vllm_backend(model_config: ModelConfig, max_concurrency: int) -> Backend:  # noqa: ARG001
+    from corral.utils.deps import require
+
+    require("vllm")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CorralError("--backend vllm needs a CUDA GPU and none is visible; use --backend hf")
+    raise CorralError(
+        "--backend vllm is not implemented in this version of corral yet; use --backend hf"
+    )
+
+
+def load_backend(name: str, model_config: ModelConfig, max_concurrency: int) -> Backend:
+    """Build the backend called `name` for `model_config`.
+
+    Raises:
+        CorralError: unknown backend, missing optional dependency, or an unusable model.
+    """
+    factories = {"hf": HFBackend, "llamacpp": LlamaCppBackend, "vllm": _vllm_backend}
+    if name not in factories:
+        raise CorralError(f"unknown backend '{name}'; choose one of: {', '.join(BACKENDS)}")
+    return factories[name](model_config, max_concurrency)
