@@ -36,7 +36,7 @@ OPERATIONS = [
 def test_no_request_makes_the_server_fail(api_schema, path, method):
     @hypothesis.given(case=api_schema[path][method].as_strategy())
     @hypothesis.settings(
-        max_examples=25,
+        max_examples=20,
         deadline=None,
         suppress_health_check=list(hypothesis.HealthCheck),
         derandomize=True,
