@@ -102,3 +102,15 @@ def test_rows_leave_the_batch_when_they_finish(engine):
         reply = engine.chat(conversation, temperature=0, max_new_tokens=budget)
         assert "".join(d.text for d in out) == reply.text
         assert out[-1].completion_tokens == reply.completion_tokens
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-30, 1e-6])
+def test_a_tiny_temperature_samples_the_best_token(temperature):
+    import torch
+
+    from corral.infer.batching import pick_token
+
+    logits = torch.tensor([1.0, 30.0, -5.0, float("-inf"), 29.9])
+    generator = torch.Generator().manual_seed(0)
+    params = SamplingParams(max_tokens=1, temperature=temperature, top_p=0.9)
+    assert pick_token(logits, params, generator, history=[]) == 1

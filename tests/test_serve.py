@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,27 +30,39 @@ def free_port() -> int:
 
 
 def start_server(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    """Start `corral serve ARGS` on a free port; return (process, base URL) once /health is ok."""
+    """Start `corral serve ARGS` on a free port; return (process, base URL) once /health is ok.
+
+    The server's output goes to a temporary file (`server_log(process)` reads it), not a pipe:
+    a pipe nobody reads fills after ~64 KB of logged errors and then blocks the server.
+    """
     port = free_port()
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - lives as long as the server
     environ = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     process = subprocess.Popen(
         [sys.executable, "-m", "corral", "serve", "--port", str(port), *args],
         env={**environ, **(env or {})},
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    process.log = log
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"corral serve exited: {process.stdout.read()}")
+            raise RuntimeError(f"corral serve exited: {server_log(process)}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return process, url
         time.sleep(0.2)
     process.kill()
     raise RuntimeError("corral serve did not become healthy in 120 s")
+
+
+def server_log(process: subprocess.Popen) -> str:
+    """Everything the server printed so far."""
+    process.log.seek(0)
+    return process.log.read()
 
 
 def stop_server(process: subprocess.Popen) -> int:
@@ -284,7 +297,7 @@ def test_sigterm_mid_stream_exits_cleanly(tiny_llama_dir):
         for _ in stream:
             pass
     code = process.wait(timeout=15)
-    assert code == 0, process.stdout.read()
+    assert code == 0, server_log(process)
     print(f"\nexited {time.monotonic() - started:.1f} s after SIGTERM")
 
 

@@ -119,6 +119,9 @@ class TextTracker:
         return longest
 
 
+GREEDY_BELOW = 1e-5
+
+
 def pick_token(logits: Any, params: SamplingParams, generator: Any, history: list[int]) -> int:
     """Choose the next id from one row's logits (penalties, temperature, top-k, top-p).
 
@@ -134,7 +137,9 @@ def pick_token(logits: Any, params: SamplingParams, generator: Any, history: lis
     if history and (params.presence_penalty or params.frequency_penalty):
         counts = torch.bincount(torch.tensor(history), minlength=logits.shape[-1]).to(logits)
         logits = logits - params.presence_penalty * (counts > 0) - params.frequency_penalty * counts
-    if params.temperature == 0:
+    # below 1e-5 (as vLLM does) sampling is greedy: dividing by a tiny temperature such as
+    # 5e-324 (valid JSON, 0 in float32) would overflow the logits and make softmax NaN
+    if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
     if params.top_k:

@@ -20,6 +20,7 @@ from corral.data.templates import (
     stop_strings,
     stop_token_ids,
 )
+from corral.infer.batching import GREEDY_BELOW
 from corral.model.load import load_model, resolve_base_for_adapters
 from corral.utils.errors import CorralError
 
@@ -194,7 +195,7 @@ class ChatEngine:
         }
         if self.stop_texts:
             kwargs.update(stop_strings=self.stop_texts, tokenizer=self.tokenizer)
-        if settings.temperature == 0:
+        if settings.temperature < GREEDY_BELOW:  # as the server samples
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(
