@@ -134,6 +134,11 @@ class CorralTrainer(Trainer):
         real_tokens = inputs.pop("num_real_tokens", None)
         inputs.pop("length", None)
         labels = inputs["labels"]
+        if "position_ids" not in inputs:
+            # Unpacked rows are padded on the right, so under causal attention no real token
+            # can see padding: the padding mask changes nothing we train on. Without it sdpa
+            # runs its causal kernel (no mask tensor per layer, grouped-query heads not copied).
+            inputs.pop("attention_mask", None)
         if hasattr(model, "get_decoder"):
             inputs.pop("labels")
             hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
