@@ -56,6 +56,7 @@ class ProgressCallback(TrainerCallback):
             get_logger().info(f"step {state.global_step}/{state.max_steps} {self._stats()}")
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: D102
+        self.meter.stopped = time.perf_counter()
         if self.progress is not None:
             self.progress.stop()
 

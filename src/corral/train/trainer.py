@@ -26,9 +26,13 @@ class TokenMeter:
     real_tokens: int = 0  # non-padding tokens the model attended over
     trained_tokens: int = 0  # tokens with a label (what the loss is computed on)
     started: float = field(default_factory=time.perf_counter)
+    stopped: float | None = None  # set when training ends, so saving is not counted
+
+    def seconds(self) -> float:
+        return (self.stopped or time.perf_counter()) - self.started
 
     def tokens_per_second(self) -> float:
-        return self.real_tokens / max(time.perf_counter() - self.started, 1e-9)
+        return self.real_tokens / max(self.seconds(), 1e-9)
 
 
 def training_arguments(config: CorralConfig, *, has_eval: bool) -> TrainingArguments:

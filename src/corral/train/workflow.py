@@ -8,6 +8,7 @@ load model -> template -> dataset (cached) -> method (full/freeze/lora) -> Train
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,11 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     model, tokenizer = load_model(model_config, for_training=True)
     template = get_template(model_config.template, tokenizer)
     tokenizer.chat_template = template.jinja  # saved with every checkpoint: serve what we trained
+    started = time.perf_counter()
     data = build_dataset(
         config.data, tokenizer, template, kind=stage.dataset_kind, seed=config.train.seed
     )
+    preprocessing_seconds = time.perf_counter() - started
     log.info("dataset summary:\n" + format_summary(data.stats))
     set_seed(config.train.seed)  # LoRA's random init must not depend on what ran before
     model = apply_method(model, config.method, model_config.adapter_name_or_path)
@@ -94,6 +97,7 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
             f"{config.output.output_dir}. Resume with resume_from_checkpoint=true"
         )
         raise KeyboardInterrupt
+    result.metrics["preprocessing_seconds"] = round(preprocessing_seconds, 3)
     return _finish(config, trainer, result, meter, stage, model_config, template, data)
 
 
@@ -107,6 +111,7 @@ def _finish(config, trainer, result, meter, stage, model_config, template, data)
     metrics = dict(result.metrics)
     metrics.update(
         real_tokens_per_second=round(meter.tokens_per_second(), 2),
+        training_seconds=round(meter.seconds(), 3),
         real_tokens=meter.real_tokens,
         trained_tokens=meter.trained_tokens,
         **peak_memory(),
