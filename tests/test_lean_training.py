@@ -8,7 +8,7 @@ import torch
 
 from corral.config.parse import load_config
 from corral.model.adapters import apply_method
-from corral.model.fused import fuse_mlps, unfuse_mlps
+from corral.model.fused import fuse_for_training, unfuse
 from corral.train.loss import causal_lm_loss
 
 
@@ -53,30 +53,32 @@ def _assert_same(reference: tuple, other: tuple) -> None:
 
 
 @pytest.mark.parametrize("finetuning_type", ["lora", "full"])
-def test_fused_mlp_gives_the_same_loss_and_gradients(tiny_llama, finetuning_type):
+def test_fused_ops_gives_the_same_loss_and_gradients(tiny_llama, finetuning_type):
     model, tokenizer = _trainable(
         tiny_llama, f"finetuning_type={finetuning_type}", "lora_target=all", "lora_rank=4"
     )
     batch = _batch(len(tokenizer))
     plain = _loss_and_grads(model, batch)
-    assert fuse_mlps(model) == model.config.num_hidden_layers
+    layers = model.config.num_hidden_layers
+    lora = 7 * layers if finetuning_type == "lora" else 0  # q k v o gate up down
+    assert fuse_for_training(model) == {"mlp": layers, "lora": lora}
     _assert_same(plain, _loss_and_grads(model, batch))
-    unfuse_mlps(model)
+    unfuse(model)
     _assert_same(plain, _loss_and_grads(model, batch))
 
 
 @pytest.mark.parametrize("variant", ["use_dora=true", "lora_dropout=0.1"])
-def test_fused_mlp_leaves_dora_and_dropout_alone(tiny_llama, variant):
+def test_fused_ops_leaves_dora_and_dropout_alone(tiny_llama, variant):
     model, _ = _trainable(tiny_llama, "finetuning_type=lora", "lora_target=all", variant)
-    assert fuse_mlps(model) == 0
+    assert fuse_for_training(model) == {"mlp": 0, "lora": 0}
 
 
-def test_fused_mlp_is_not_used_without_gradients(tiny_llama):
+def test_fused_ops_is_not_used_without_gradients(tiny_llama):
     model, tokenizer = _trainable(tiny_llama, "finetuning_type=lora", "lora_target=all")
     batch = _batch(len(tokenizer))
     with torch.no_grad():
         before = model(input_ids=batch["input_ids"]).logits
-        fuse_mlps(model)
+        fuse_for_training(model)
         after = model(input_ids=batch["input_ids"]).logits
     torch.testing.assert_close(after, before, atol=0, rtol=0)
 
@@ -104,11 +106,11 @@ def _saved_bytes(model, batch: dict) -> int:
     return sum(size for ptr, size in storages.items() if ptr not in params)
 
 
-def test_fused_mlp_and_no_mask_save_activation_memory(tiny_llama):
+def test_fused_ops_and_no_mask_save_activation_memory(tiny_llama):
     model, tokenizer = _trainable(tiny_llama, "finetuning_type=lora", "lora_target=all")
     batch = _batch(len(tokenizer), lengths=(64, 60, 50, 64))
     plain = _saved_bytes(model, batch)
-    fuse_mlps(model)
+    fuse_for_training(model)
     lean = _saved_bytes(model, {k: v for k, v in batch.items() if k != "attention_mask"})
     print(f"\nactivation bytes saved for backward: {plain} plain, {lean} lean")
     assert lean < 0.8 * plain

@@ -181,10 +181,10 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(
         False, "Recompute activations in the backward pass to save memory (slower)."
     )
-    fused_mlp: bool = opt(
+    fused_ops: bool = opt(
         True,
-        "Train Llama-style MLPs through one fused SwiGLU + down-projection op that keeps a "
-        "third less activation memory (see corral.model.fused); false uses the model's modules.",
+        "Train through corral's fused SwiGLU and LoRA ops (less activation memory, fewer "
+        "temporaries; same maths, see corral.model.fused); false uses the modules' own forwards.",
     )
     eval_steps: int | None = opt(
         None, "Validation every N steps when a validation set exists.", ge=1

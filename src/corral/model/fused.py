@@ -1,18 +1,22 @@
-"""A leaner Llama MLP for training: SwiGLU and the down projection (with its LoRA) in one op.
+"""Leaner training ops for Llama-style models: fewer full-size temporaries, less saved memory.
 
-    swapped = fuse_mlps(model)   # after apply_method, before training; returns the MLPs changed
+    counts = fuse_for_training(model)   # after apply_method, before training
+    unfuse(model)                       # the modules' own forwards again
 
-`down_proj(silu(gate) * up)` as separate autograd nodes keeps four (tokens x intermediate)
-tensors alive per layer until backward: gate, silu(gate), up and their product (the input the
-down projection and its LoRA A matrix need for their gradients). At SmolLM2's sizes that is
-over half of all activation memory. `SwiGLUDown` keeps only gate and up and recomputes the
-product in backward (a few elementwise ops, no matmul), so a LoRA or full fine-tune holds about
-a third less activation memory and runs fewer kernels. Results equal the unfused module's to
-float rounding (tests/test_fused.py).
+Two swaps, both exact up to float rounding (tests/test_lean_training.py):
 
-Applies to Llama-style MLPs (gate/up/down, SiLU, no bias) whose down projection is a plain
-`nn.Linear` or a peft LoRA `Linear` with one active vanilla adapter and no dropout; anything
-else (DoRA, dropout, quantised layers) keeps its own forward.
+- MLP: `down_proj(silu(gate) * up)` as separate autograd nodes keeps four (tokens x
+  intermediate) tensors alive per layer until backward: gate, silu(gate), up and their product
+  (the input the down projection and its LoRA A need for their gradients). At SmolLM2's sizes
+  that is over half of all activation memory. `SwiGLUDown` keeps only gate and up and
+  recomputes the product in backward (elementwise ops, no matmul): a third less activation
+  memory, fewer kernels.
+- LoRA linears: peft computes `base(x) + lora_B(lora_A(x)) * scaling`, writing four
+  (tokens x out) tensors; `torch.addmm(base(x), x @ A.T, B.T, alpha=scaling)` writes two.
+
+They apply to bias-free `nn.Linear`s and peft LoRA `Linear`s with one active vanilla adapter
+and no dropout, in Llama-style MLPs (gate/up/down, SiLU); DoRA, dropout, quantised or merged
+layers keep their own forwards, and so does everything run without gradients (inference).
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ def linear_parts(module: Any) -> tuple[Any, Any, Any, float] | None:
     return base.weight, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
 
 
-def _fused_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+def _fused_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     parts = linear_parts(self.down_proj)
     if parts is None or not torch.is_grad_enabled():  # changed since fusing, or inference
         return self._unfused_forward(x)
@@ -100,30 +104,46 @@ def _fused_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), weight, lora_a, lora_b, scale)
 
 
-def fuse_mlps(model: Any) -> int:
-    """Give every fusable Llama-style MLP in `model` the `SwiGLUDown` forward.
+def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    parts = linear_parts(self)
+    if parts is None or args or kwargs or not torch.is_grad_enabled():
+        return self._unfused_forward(x, *args, **kwargs)
+    weight, lora_a, lora_b, scale = parts
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.addmm(flat @ weight.t(), flat @ lora_a.t(), lora_b.t(), alpha=scale)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def fuse_for_training(model: Any) -> dict[str, int]:
+    """Swap in the fused forwards wherever they apply.
 
     Returns:
-        How many MLPs were changed (0 for architectures this does not cover).
+        How many modules changed: {"mlp": ..., "lora": ...} (zeros for other architectures).
     """
-    changed = 0
+    counts = {"mlp": 0, "lora": 0}
     for module in model.modules():
-        if not _is_swiglu_mlp(module) or hasattr(module, "_unfused_forward"):
+        if hasattr(module, "_unfused_forward"):
             continue
-        if linear_parts(module.down_proj) is None:
-            continue
-        module._unfused_forward = module.forward
-        module.forward = types.MethodType(_fused_forward, module)
-        changed += 1
-    return changed
+        if _is_swiglu_mlp(module) and linear_parts(module.down_proj) is not None:
+            _swap(module, _fused_mlp_forward)
+            counts["mlp"] += 1
+        elif hasattr(module, "base_layer") and linear_parts(module) is not None:
+            _swap(module, _fused_lora_forward)
+            counts["lora"] += 1
+    return counts
 
 
-def unfuse_mlps(model: Any) -> None:
-    """Restore the original forwards (e.g. before saving or merging)."""
+def unfuse(model: Any) -> None:
+    """Restore the modules' own forwards."""
     for module in model.modules():
         if hasattr(module, "_unfused_forward"):
             module.forward = module._unfused_forward
             del module._unfused_forward
+
+
+def _swap(module: Any, forward: Any) -> None:
+    module._unfused_forward = module.forward
+    module.forward = types.MethodType(forward, module)
 
 
 def _is_swiglu_mlp(module: Any) -> bool:

@@ -23,7 +23,7 @@ from corral.data.templates import get_template
 from corral.infer.engine import ChatEngine
 from corral.infer.evaluate import evaluate_generation, evaluate_perplexity, write_run
 from corral.model.adapters import apply_method
-from corral.model.fused import fuse_mlps
+from corral.model.fused import fuse_for_training
 from corral.model.load import load_model, resolve_base_for_adapters
 from corral.train.callbacks import InterruptCallback, JsonlLogCallback, ProgressCallback
 from corral.train.outputs import CONFIG_FILE, prepare_output_dir, save_final
@@ -67,8 +67,8 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     log.info("dataset summary:\n" + format_summary(data.stats))
     set_seed(config.train.seed)  # LoRA's random init must not depend on what ran before
     model = apply_method(model, config.method, model_config.adapter_name_or_path)
-    if config.train.fused_mlp:
-        fuse_mlps(model)
+    if config.train.fused_ops:
+        fuse_for_training(model)
     # A KV cache is useless in training, and its presence stops transformers from deriving the
     # block-diagonal mask of packed rows from their position_ids.
     model.config.use_cache = False
