@@ -78,9 +78,14 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--with-llamafactory", action="store_true")
+    parser.add_argument(
+        "--llamafactory-venv", type=Path, default=LF_VENV, help="created when missing"
+    )
     parser.add_argument("--smoke", action="store_true", help="2 steps, tiny model, 1 repeat")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # the workers are started without the flag and read it from here
+    os.environ.setdefault("CORRAL_BENCH_LF_VENV", str(args.llamafactory_venv))
     workload = Workload(**{k: getattr(args, k) for k in asdict(Workload())})
     if args.worker:
         print("RESULT " + json.dumps(WORKERS[args.worker.split("-")[0]](args.worker, workload)))
@@ -94,7 +99,9 @@ def main() -> None:
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         parser.error(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
-    if any(s.startswith("llamafactory") for s in systems) and not _llamafactory_ready():
+    if any(s.startswith("llamafactory") for s in systems) and not _llamafactory_ready(
+        args.llamafactory_venv
+    ):
         systems = [s for s in systems if not s.startswith("llamafactory")]
     run_benchmark(workload, systems, args.repeats, warm_up=not args.smoke)
 
@@ -314,7 +321,11 @@ def llamafactory_worker(system: str, workload: Workload) -> dict:
         started = time.perf_counter()
         env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "USE_MODELSCOPE_HUB": "0"}
         done = subprocess.run(
-            [str(LF_VENV / "bin" / "llamafactory-cli"), "train", str(path)],
+            [
+                str(Path(os.environ["CORRAL_BENCH_LF_VENV"]) / "bin" / "llamafactory-cli"),
+                "train",
+                str(path),
+            ],
             capture_output=True,
             text=True,
             env=env,
@@ -508,23 +519,18 @@ def _num(value: float | None, width: int, digits: int) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
 
 
-def _llamafactory_ready() -> bool:
-    """Create benchmarks/.llamafactory-venv with LLaMA-Factory from PyPI when it is missing."""
-    cli = LF_VENV / "bin" / "llamafactory-cli"
+def _llamafactory_ready(venv: Path) -> bool:
+    """Create `venv` with LLaMA-Factory from PyPI when it is missing."""
+    cli = venv / "bin" / "llamafactory-cli"
     if cli.exists():
         return True
-    print(f"installing LLaMA-Factory into {LF_VENV} (once) ...")
+    print(f"installing LLaMA-Factory into {venv} (once) ...")
+    pip = str(venv / "bin" / "pip")
     steps = [
-        [sys.executable, "-m", "venv", str(LF_VENV)],
+        [sys.executable, "-m", "venv", str(venv)],
         # the same torch as corral's, pinned in the same resolve, so pip keeps the CPU build
-        [str(LF_VENV / "bin" / "pip"), "install", "-q", f"torch=={_torch_version()}"],
-        [
-            str(LF_VENV / "bin" / "pip"),
-            "install",
-            "-q",
-            "llamafactory",
-            f"torch=={_torch_version()}",
-        ],
+        [pip, "install", "-q", f"torch=={_torch_version()}"],
+        [pip, "install", "-q", "llamafactory", f"torch=={_torch_version()}"],
     ]
     for step in steps:
         if subprocess.run(step).returncode != 0:
