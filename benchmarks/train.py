@@ -531,6 +531,9 @@ def _llamafactory_ready(venv: Path) -> bool:
         # the same torch as corral's, pinned in the same resolve, so pip keeps the CPU build
         [pip, "install", "-q", f"torch=={_torch_version()}"],
         [pip, "install", "-q", "llamafactory", f"torch=={_torch_version()}"],
+        # the torchvision/torchaudio it pulls are built for another torch and break imports;
+        # text training needs neither
+        [pip, "uninstall", "-q", "-y", "torchvision", "torchaudio"],
     ]
     for step in steps:
         if subprocess.run(step).returncode != 0:
