@@ -202,3 +202,47 @@ def test_a_newcomer_streams_before_a_long_request_finishes(engine):
     long_text = "".join(d.text for d in long_out)
     assert _greedy(engine, long_chat, 300).text.startswith(long_text)
 
+
+MIXED_TEXT = (
+    "Grüße aus Köln! 你好，世界。今天的天气很好，我们去公园散步吧。"
+    " Emoji: 🙂🚀👩‍💻 — naïve café, 日本語のテキスト, Ελληνικά, עברית.\n"
+)
+
+
+def test_text_tracker_decodes_a_window_and_equals_a_one_shot_decode(smol_tokenizer):
+    """A long multilingual reply (many multi-byte characters split across byte tokens) streams
+    to exactly its one-shot decode, and no step decodes more than a few ids."""
+    from corral.infer.batching import text_tracker
+
+    ids = smol_tokenizer(MIXED_TEXT * 40, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1000
+    windows: list[int] = []
+
+    class CountingTokenizer:
+        def decode(self, window, skip_special_tokens):
+            windows.append(len(window))
+            return smol_tokenizer.decode(window, skip_special_tokens=skip_special_tokens)
+
+    params = SamplingParams(max_tokens=len(ids))
+    tracker = text_tracker(CountingTokenizer(), [], [], params)
+    deltas = [tracker.add(token) for token in ids]
+    assert "".join(deltas) == smol_tokenizer.decode(ids) == MIXED_TEXT * 40
+    assert tracker.finish_reason == "length"
+    assert any(d == "" for d in deltas[:-1]), "incomplete characters should be held back"
+    assert not any("\ufffd" in d for d in deltas)
+    assert max(windows) <= 8, f"a step decoded {max(windows)} ids"
+
+
+def test_text_tracker_cuts_a_multibyte_stop_string(smol_tokenizer):
+    from corral.infer.batching import text_tracker
+
+    ids = smol_tokenizer(MIXED_TEXT * 3, add_special_tokens=False)["input_ids"]
+    params = SamplingParams(max_tokens=len(ids), stop=("天气",))
+    tracker = text_tracker(smol_tokenizer, [], [], params)
+    shown = ""
+    for token in ids:
+        shown += tracker.add(token)
+        if tracker.finish_reason:
+            break
+    assert shown == MIXED_TEXT[: MIXED_TEXT.index("天气")]
+    assert tracker.finish_reason == "stop"

@@ -57,6 +57,9 @@ class TextTracker:
     Text that could be the start of a stop string is held back until it is known not to be one,
     so a stop string never reaches the client. Incomplete UTF-8 is held back the same way.
 
+    Each step decodes only a short window of ids (the prefix-offset technique of vLLM and
+    TGI), so a step costs the same at token 10 and at token 10,000.
+
     Args:
         decode: ids -> text (special tokens skipped).
         stop_ids: ids that end the reply (they are counted but not shown).
@@ -77,37 +80,48 @@ class TextTracker:
         self.max_tokens = max_tokens
         self.ids: list[int] = []
         self.count = 0
-        self.sent = 0
+        self.unsent = ""  # decoded text not shown yet (a possible stop string's start)
+        # ids[prefix:read] were decoded already and give the context (e.g. a leading space)
+        # that ids[read:] are decoded in
+        self.prefix = self.read = 0
         self.finish_reason: str | None = None
 
     def add(self, token_id: int) -> str:
         """Take one generated id; return the text that can be shown now."""
         self.count += 1
         if token_id in self.stop_ids:
-            return self._finish("stop", self.decode(self.ids))
+            return self.end("stop")
         self.ids.append(token_id)
-        text = self.decode(self.ids)
-        cut = self._stop_index(text)
+        self.unsent += self._decode_new(final=False)
+        cut = self._stop_index(self.unsent)
         if cut is not None:
-            return self._finish("stop", text[:cut])
+            self.unsent = self.unsent[:cut]
+            return self.end("stop", flush=False)
         if self.count >= self.max_tokens:
-            return self._finish("length", text)
-        if text.endswith("\ufffd"):
-            return ""
-        safe = len(text) - self._held_back(text)
-        delta = text[self.sent : max(safe, self.sent)]
-        self.sent += len(delta)
+            return self.end("length")
+        safe = len(self.unsent) - self._held_back(self.unsent)
+        delta, self.unsent = self.unsent[:safe], self.unsent[safe:]
         return delta
 
-    def _finish(self, reason: str, text: str) -> str:
-        self.finish_reason = reason
-        delta = text[self.sent :]
-        self.sent += len(delta)
-        return delta
+    def _decode_new(self, final: bool) -> str:
+        """The text `ids[read:]` add after `ids[prefix:read]`; "" while it ends in an incomplete
+        UTF-8 character (U+FFFD), unless `final`."""
+        before = self.decode(self.ids[self.prefix : self.read])
+        after = self.decode(self.ids[self.prefix :])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before) :]
+
+    def end(self, reason: str, flush: bool = True) -> str:
+        """Finish with `reason`; return the text not shown yet (held-back text included, and
+        with `flush` the rest of the ids, incomplete characters and all)."""
+        text = self.unsent + (self._decode_new(final=True) if flush else "")
+        self.finish_reason, self.unsent = reason, ""
+        return text
 
     def _stop_index(self, text: str) -> int | None:
-        start = max(0, self.sent - max((len(s) for s in self.stop_texts), default=0))
-        hits = [i for i in (text.find(s, start) for s in self.stop_texts) if i >= 0]
+        hits = [i for i in (text.find(s) for s in self.stop_texts) if i >= 0]
         return min(hits) if hits else None
 
     def _held_back(self, text: str) -> int:
