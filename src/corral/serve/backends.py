@@ -163,17 +163,10 @@ def _gguf_tokenizer(path: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-def _vllm_backend(model_config: ModelConfig, max_concurrency: int) -> Backend:  # noqa: ARG001
-    from corral.utils.deps import require
+def _vllm_backend(model_config: ModelConfig, max_concurrency: int) -> Backend:
+    from corral.serve.vllm_backend import VLLMBackend  # imports vllm only when chosen
 
-    require("vllm")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise CorralError("--backend vllm needs a CUDA GPU and none is visible; use --backend hf")
-    raise CorralError(
-        "--backend vllm is not implemented in this version of corral yet; use --backend hf"
-    )
+    return VLLMBackend(model_config, max_concurrency)
 
 
 def load_backend(name: str, model_config: ModelConfig, max_concurrency: int) -> Backend:
