@@ -194,8 +194,9 @@ class BatchScheduler:
     """A thread that keeps up to `max_batch` requests decoding, admitting newcomers between steps.
 
     Args:
-        new_batch: makes an empty running batch (e.g. `functools.partial(RunningBatch,
-            engine)`; a backend without batching passes its own and `max_batch=1`).
+        new_batch: makes an empty running batch: an object with `handles`, `can_admit()`,
+            `admit(handles)` and `step()`, e.g. `functools.partial(RunningBatch, engine)` (a
+            backend without batching passes its own, with `max_batch=1`).
         max_batch: most requests decoded together.
     """
 
