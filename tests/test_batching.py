@@ -7,7 +7,15 @@ import functools
 import pytest
 
 from corral.config.fields import GenerationConfig, ModelConfig
-from corral.infer.batching import BatchScheduler, Delta, SamplingParams, TextTracker, decode_batch
+from corral.infer.batching import (
+    BatchScheduler,
+    Delta,
+    Handle,
+    RunningBatch,
+    SamplingParams,
+    TextTracker,
+    decode_batch,
+)
 from corral.infer.engine import ChatEngine
 
 QUESTIONS = ["Hello there", "What is the capital of France?", "Count to five.", "Hi"]
@@ -20,8 +28,6 @@ def engine(tiny_llama):
 
 
 def _run(engine, prompts, params):
-    from corral.infer.batching import Handle
-
     outputs = [[] for _ in prompts]
     handles = [Handle(p, params, outputs[i].append) for i, p in enumerate(prompts)]
     decode_batch(engine, handles)
@@ -66,7 +72,7 @@ def test_text_tracker_budget_and_stop_id():
 def test_scheduler_cancelled_request_frees_its_row(engine):
     import threading
 
-    scheduler = BatchScheduler(functools.partial(decode_batch, engine), max_batch=4)
+    scheduler = BatchScheduler(functools.partial(RunningBatch, engine), max_batch=4)
     done = threading.Event()
     got: list[Delta] = []
 
@@ -89,8 +95,6 @@ def test_rows_leave_the_batch_when_they_finish(engine):
     """Budgets of 1, 5 and 12 tokens in one batch: each row equals its single-request reply."""
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS[:3]]
     prompts = [engine.prompt_ids(c) for c in conversations]
-    from corral.infer.batching import Handle
-
     outputs = [[] for _ in prompts]
     budgets = [1, 5, 12]
     handles = [
@@ -114,3 +118,131 @@ def test_a_tiny_temperature_samples_the_best_token(temperature):
     generator = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=1, temperature=temperature, top_p=0.9)
     assert pick_token(logits, params, generator, history=[]) == 1
+
+
+def _greedy(engine, conversation, budget):
+    return engine.chat(conversation, temperature=0, max_new_tokens=budget)
+
+
+def test_requests_joining_mid_decode_equal_their_single_request_replies(engine):
+    """A joins alone; B (a longer prompt than A's cache) joins after 3 steps, so A's cache rows
+    are left-padded; C (short) joins after B left. Each reply equals its single-request one,
+    and once B has left the cache is trimmed back to the rows' own width."""
+    long_question = "Please explain, step by step and with examples, " * 4 + "what a cache is."
+    conversations = {
+        "A": [{"role": "user", "content": "Hello there"}],
+        "B": [{"role": "user", "content": long_question}],
+        "C": [{"role": "user", "content": "Hi"}],
+    }
+    budgets = {"A": 40, "B": 6, "C": 12}
+    outputs = {name: [] for name in conversations}
+    handles = {
+        name: Handle(
+            engine.prompt_ids(conversation),
+            SamplingParams(max_tokens=budgets[name], temperature=0),
+            outputs[name].append,
+        )
+        for name, conversation in conversations.items()
+    }
+    assert len(handles["B"].prompt_ids) > len(handles["A"].prompt_ids) + 3
+    batch = RunningBatch(engine)
+    batch.admit([handles["A"]])
+    for _ in range(3):
+        batch.step()
+    batch.admit([handles["B"]])
+    assert batch.cache.get_seq_length() == len(handles["B"].prompt_ids)
+    while handles["B"] in batch.handles:
+        batch.step()
+    a_fed = len(handles["A"].prompt_ids) + outputs["A"][-1].completion_tokens - 1
+    assert batch.cache.get_seq_length() == batch.mask.shape[-1] - 1 == a_fed, "not trimmed"
+    batch.admit([handles["C"]])
+    while batch.handles:
+        batch.step()
+    for name, conversation in conversations.items():
+        reply = _greedy(engine, conversation, budgets[name])
+        assert "".join(d.text for d in outputs[name]) == reply.text, name
+        assert outputs[name][-1].finish_reason == reply.finish_reason, name
+        assert outputs[name][-1].completion_tokens == reply.completion_tokens, name
+
+
+def test_a_newcomer_streams_before_a_long_request_finishes(engine):
+    """Continuous batching: a short request sent while a long one decodes gets its first token
+    (and its whole reply) before the long one ends, and both equal their greedy replies."""
+    import threading
+
+    scheduler = BatchScheduler(functools.partial(RunningBatch, engine), max_batch=4)
+    long_chat = [{"role": "user", "content": "Hello there"}]
+    short_chat = [{"role": "user", "content": "Count to five."}]
+    long_out: list[Delta] = []
+    short_out: list[Delta] = []
+    long_started, short_done = threading.Event(), threading.Event()
+    long_finished_at_first_short_token: list[bool] = []
+
+    def long_sink(delta):
+        long_out.append(delta)
+        long_started.set()
+
+    def short_sink(delta):
+        if not short_out:
+            long_finished_at_first_short_token.append(long_handle.finished)
+        short_out.append(delta)
+        if delta.finish_reason:
+            short_done.set()
+
+    greedy = functools.partial(SamplingParams, temperature=0)
+    long_handle = scheduler.submit(engine.prompt_ids(long_chat), greedy(max_tokens=300), long_sink)
+    assert long_started.wait(30)
+    scheduler.submit(engine.prompt_ids(short_chat), greedy(max_tokens=8), short_sink)
+    assert short_done.wait(60)
+    assert long_finished_at_first_short_token == [False]
+    assert not long_handle.finished, "the short reply waited for the long one"
+    long_handle.cancel()
+    scheduler.close()
+    assert "".join(d.text for d in short_out) == _greedy(engine, short_chat, 8).text
+    long_text = "".join(d.text for d in long_out)
+    assert _greedy(engine, long_chat, 300).text.startswith(long_text)
+
+
+MIXED_TEXT = (
+    "Grüße aus Köln! 你好，世界。今天的天气很好，我们去公园散步吧。"
+    " Emoji: 🙂🚀👩‍💻 — naïve café, 日本語のテキスト, Ελληνικά, עברית.\n"
+)
+
+
+def test_text_tracker_decodes_a_window_and_equals_a_one_shot_decode(smol_tokenizer):
+    """A long multilingual reply (many multi-byte characters split across byte tokens) streams
+    to exactly its one-shot decode, and no step decodes more than a few ids."""
+    from corral.infer.batching import text_tracker
+
+    ids = smol_tokenizer(MIXED_TEXT * 40, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1000
+    windows: list[int] = []
+
+    class CountingTokenizer:
+        def decode(self, window, skip_special_tokens):
+            windows.append(len(window))
+            return smol_tokenizer.decode(window, skip_special_tokens=skip_special_tokens)
+
+    params = SamplingParams(max_tokens=len(ids))
+    tracker = text_tracker(CountingTokenizer(), [], [], params)
+    deltas = [tracker.add(token) for token in ids]
+    assert "".join(deltas) == smol_tokenizer.decode(ids) == MIXED_TEXT * 40
+    assert tracker.finish_reason == "length"
+    assert any(d == "" for d in deltas[:-1]), "incomplete characters should be held back"
+    assert not any("\ufffd" in d for d in deltas)
+    assert max(windows) <= 8, f"a step decoded {max(windows)} ids"
+
+
+def test_text_tracker_cuts_a_multibyte_stop_string(smol_tokenizer):
+    from corral.infer.batching import text_tracker
+
+    ids = smol_tokenizer(MIXED_TEXT * 3, add_special_tokens=False)["input_ids"]
+    params = SamplingParams(max_tokens=len(ids), stop=("天气",))
+    tracker = text_tracker(smol_tokenizer, [], [], params)
+    shown = ""
+    for token in ids:
+        shown += tracker.add(token)
+        if tracker.finish_reason:
+            break
+    assert shown == MIXED_TEXT[: MIXED_TEXT.index("天气")]
+    assert tracker.finish_reason == "stop"

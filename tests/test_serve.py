@@ -250,13 +250,29 @@ def test_client_disconnect_mid_stream_frees_its_slot(tiny_server):
     body = {"messages": HELLO, "max_tokens": 480, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{tiny_server}/v1/chat/completions", json=body) as response:
         assert next(response.iter_lines()).startswith("data: ")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        health = httpx.get(f"{tiny_server}/health").json()
-        if health["abandoned"] > before and health["running"] == 0:
-            break
+    assert _health_after_abandon(tiny_server, before) == (before + 1, 0)
+
+
+def test_client_disconnect_before_a_whole_reply_cancels_it(tiny_server):
+    """A non-streaming client that gives up (here: a 0.5 s timeout on a ~480-token reply)
+    frees its row within a few seconds instead of the server generating on for nobody."""
+    before = httpx.get(f"{tiny_server}/health").json()["abandoned"]
+    body = {"messages": HELLO, "max_tokens": 480, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{tiny_server}/v1/chat/completions", json=body, timeout=0.5)
+    assert _health_after_abandon(tiny_server, before) == (before + 1, 0)
+
+
+def _health_after_abandon(url: str, before: int, seconds: float = 10) -> tuple[int, int]:
+    """(abandoned, running) from /health once a reply was abandoned and nothing runs, or
+    when `seconds` are up."""
+    deadline = time.monotonic() + seconds
+    while True:
+        health = httpx.get(f"{url}/health").json()
+        done = health["abandoned"] > before and health["running"] == 0
+        if done or time.monotonic() > deadline:
+            return health["abandoned"], health["running"]
         time.sleep(0.05)
-    assert (health["abandoned"], health["running"]) == (before + 1, 0)
 
 
 def _timed_requests(client, count: int) -> list[tuple[float, float]]:

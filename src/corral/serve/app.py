@@ -5,8 +5,8 @@
 
 Every error is OpenAI's JSON (`{"error": {"message", "type", "param", "code"}}`): 401 for a
 missing or wrong key, 422 for malformed JSON or wrong types, 400 for a prompt that does not fit
-the model's context, 413 for an oversized body. A client that disconnects mid-stream cancels its
-request, which frees its place in the batch.
+the model's context, 413 for an oversized body. A client that disconnects (mid-stream, or while
+waiting for a whole reply) cancels its request, which frees its place in the batch.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import functools
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from corral.infer.batching import Delta, SamplingParams
 from corral.serve.protocol import (
@@ -36,6 +36,7 @@ from corral.serve.protocol import (
 from corral.utils.errors import CorralError
 
 MAX_BODY_BYTES = 1 << 20
+DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks its client is still there
 ERRORS = {
     400: {"model": ErrorResponse},
     401: {"model": ErrorResponse},
@@ -86,19 +87,19 @@ def create_app(
         return ModelList(data=[ModelCard(id=served_model_name)])
 
     @app.post("/v1/chat/completions", responses=ERRORS, dependencies=auth)
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt = _user_error(backend.chat_ids, messages)
         limit = body.max_completion_tokens or body.max_tokens
-        return await _respond(app, body, prompt, limit, chat=True)
+        return await _respond(request, body, prompt, limit, chat=True)
 
     @app.post("/v1/completions", responses=ERRORS, dependencies=auth)
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         if isinstance(body.prompt, str):
             prompt = _user_error(backend.text_ids, body.prompt)
         else:
             prompt = _check_ids(body.prompt, len(backend.tokenizer))
-        return await _respond(app, body, prompt, body.max_tokens, chat=False)
+        return await _respond(request, body, prompt, body.max_tokens, chat=False)
 
     return app
 
@@ -190,7 +191,8 @@ async def _deltas(app: FastAPI, prompt: list[int], params: list) -> AsyncIterato
         app.state.abandoned += any(not handle.finished for handle in handles)
 
 
-async def _respond(app: FastAPI, body: Any, prompt: list[int], limit: int | None, chat: bool):
+async def _respond(request: Request, body: Any, prompt: list[int], limit: int | None, chat: bool):
+    app = request.app
     params = _sampling(body, prompt, limit, app.state.backend)
     meta = {
         "id": new_id("chatcmpl" if chat else "cmpl"),
@@ -203,12 +205,36 @@ async def _respond(app: FastAPI, body: Any, prompt: list[int], limit: int | None
         usage = body.stream_options is not None and body.stream_options.include_usage
         events = _sse(deltas, meta, len(prompt), chat, usage)
         return StreamingResponse(events, media_type="text/event-stream")
-    texts, finish, used = [""] * body.n, [None] * body.n, [0] * body.n
+    collected = await _unless_disconnected(request, _collect(deltas, body.n))
+    if collected is None:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    texts, finish, used = collected
+    choices = [_choice(i, texts[i], finish[i], chat) for i in range(body.n)]
+    return {**meta, "choices": choices, "usage": _usage(len(prompt), sum(used))}
+
+
+async def _collect(deltas: AsyncIterator, n: int) -> tuple[list[str], list, list[int]]:
+    """Each choice's whole text, finish reason and completion tokens."""
+    texts, finish, used = [""] * n, [None] * n, [0] * n
     async for index, delta in deltas:
         texts[index] += delta.text
         finish[index], used[index] = delta.finish_reason, delta.completion_tokens
-    choices = [_choice(i, texts[i], finish[i], chat) for i in range(body.n)]
-    return {**meta, "choices": choices, "usage": _usage(len(prompt), sum(used))}
+    return texts, finish, used
+
+
+async def _unless_disconnected(request: Request, work: Awaitable) -> Any | None:
+    """`work`'s result, or None when the client goes away first: `work` is then cancelled,
+    which (through `_deltas`) cancels its requests and frees their rows in the batch."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return None
 
 
 def _choice(index: int, text: str, finish: str | None, chat: bool) -> dict:

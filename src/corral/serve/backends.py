@@ -19,10 +19,10 @@ from typing import Any
 from corral.config.fields import ModelConfig
 from corral.infer.batching import (
     BatchScheduler,
-    Delta,
     Handle,
+    RunningBatch,
     SamplingParams,
-    decode_batch,
+    send_token,
     text_tracker,
 )
 from corral.utils.errors import CorralError
@@ -74,7 +74,7 @@ class Backend:
 
 
 class HFBackend(Backend):
-    """transformers: `ChatEngine`'s model, decoded in batches by `BatchScheduler`."""
+    """transformers: `ChatEngine`'s model, decoded by `BatchScheduler` (continuous batching)."""
 
     name = "hf"
 
@@ -87,7 +87,7 @@ class HFBackend(Backend):
         )
         self.context_len = self.engine.context_len
         self.scheduler = BatchScheduler(
-            functools.partial(decode_batch, self.engine), max_batch=max_concurrency
+            functools.partial(RunningBatch, self.engine), max_batch=max_concurrency
         )
 
 
@@ -112,34 +112,48 @@ class LlamaCppBackend(Backend):
         super().__init__(tokenizer, template, model_config.default_system)
         self.llm = llama_cpp.Llama(str(path), n_ctx=0, verbose=False, logits_all=False)
         self.context_len = self.llm.n_ctx()
-        self.scheduler = BatchScheduler(self._decode, max_batch=1)
+        self.scheduler = BatchScheduler(functools.partial(_LlamaCppRun, self), max_batch=1)
 
-    def _decode(self, handles: list[Handle]) -> None:
-        for handle in handles:
-            params = handle.params
-            tracker = text_tracker(self.tokenizer, self.stop_ids, self.stop_texts, params)
-            if params.seed is not None:
-                self.llm.set_seed(params.seed)
-            # a full prefill every time: reusing a cached prefix changes the numerics, and so
-            # greedy replies would depend on the previous request
-            self.llm.reset()
-            tokens = self.llm.generate(
-                handle.prompt_ids,
-                top_k=params.top_k,
-                top_p=params.top_p,
-                min_p=0.0,
-                temp=params.temperature,
-                presence_penalty=params.presence_penalty,
-                frequency_penalty=params.frequency_penalty,
-            )
-            for token in tokens:
-                if handle.cancelled.is_set():
-                    break
-                text = tracker.add(int(token))
-                if tracker.finish_reason or text:
-                    handle.send(Delta(text, tracker.finish_reason, tracker.count))
-                if tracker.finish_reason:
-                    break
+
+class _LlamaCppRun:
+    """The scheduler's running batch for llama.cpp: one request, one token per `step()`."""
+
+    def __init__(self, backend: LlamaCppBackend):
+        self.backend = backend
+        self.handles: list[Handle] = []
+        self.tracker: Any = None
+        self.tokens: Any = None
+
+    def can_admit(self) -> bool:
+        return not self.handles
+
+    def admit(self, handles: list[Handle]) -> None:
+        (handle,) = handles
+        backend, params = self.backend, handle.params
+        self.tracker = text_tracker(backend.tokenizer, backend.stop_ids, backend.stop_texts, params)
+        if params.seed is not None:
+            backend.llm.set_seed(params.seed)
+        # a full prefill every time: reusing a cached prefix changes the numerics, and so
+        # greedy replies would depend on the previous request
+        backend.llm.reset()
+        self.tokens = backend.llm.generate(
+            handle.prompt_ids,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=0.0,
+            temp=params.temperature,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+        )
+        self.handles = [handle]
+
+    def step(self) -> None:
+        handle = self.handles[0]
+        going = not handle.cancelled.is_set() and send_token(
+            handle, self.tracker, int(next(self.tokens))
+        )
+        if not going:
+            self.handles, self.tokens = [], None
 
 
 def _gguf_tokenizer(path: Path) -> Any:
@@ -149,17 +163,10 @@ def _gguf_tokenizer(path: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-def _vllm_backend(model_config: ModelConfig, max_concurrency: int) -> Backend:  # noqa: ARG001
-    from corral.utils.deps import require
+def _vllm_backend(model_config: ModelConfig, max_concurrency: int) -> Backend:
+    from corral.serve.vllm_backend import VLLMBackend  # imports vllm only when chosen
 
-    require("vllm")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise CorralError("--backend vllm needs a CUDA GPU and none is visible; use --backend hf")
-    raise CorralError(
-        "--backend vllm is not implemented in this version of corral yet; use --backend hf"
-    )
+    return VLLMBackend(model_config, max_concurrency)
 
 
 def load_backend(name: str, model_config: ModelConfig, max_concurrency: int) -> Backend:
