@@ -82,6 +82,9 @@ def main() -> None:
         "--llamafactory-venv", type=Path, default=LF_VENV, help="created when missing"
     )
     parser.add_argument("--smoke", action="store_true", help="2 steps, tiny model, 1 repeat")
+    parser.add_argument(
+        "--tokenizer", help="tokenizer of tiny models (default: the default model's)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # the workers are started without the flag and read it from here
@@ -93,6 +96,8 @@ def main() -> None:
     if args.smoke:
         workload.model, workload.steps, workload.samples, workload.cutoff = "tiny", 2, 16, 128
         args.repeats = 1
+    if workload.steps * workload.batch > workload.samples:
+        parser.error("--steps x --batch must not exceed --samples: every system sees each once")
     systems = args.systems.split(",")
     if args.with_llamafactory:
         systems += ["llamafactory-defaults", "llamafactory-tuned"]
@@ -103,12 +108,14 @@ def main() -> None:
         args.llamafactory_venv
     ):
         systems = [s for s in systems if not s.startswith("llamafactory")]
-    run_benchmark(workload, systems, args.repeats, warm_up=not args.smoke)
+    run_benchmark(workload, systems, args.repeats, not args.smoke, args.tokenizer)
 
 
-def run_benchmark(workload: Workload, systems: list[str], repeats: int, warm_up: bool) -> None:
+def run_benchmark(
+    workload: Workload, systems: list[str], repeats: int, warm_up: bool, tokenizer: str | None
+) -> None:
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as scratch:
-        workload.model = prepare_model(workload, Path(scratch))
+        workload.model = prepare_model(workload, Path(scratch), tokenizer)
         peak = matmul_peak_flops(workload.device, workload.dtype)
         print(f"matmul peak ({workload.device}, {workload.dtype}): {peak / 1e9:.1f} GFLOP/s")
         print(f"preprocessing of the whole {workload.dataset} file: {preprocessing(workload)}")
@@ -360,29 +367,48 @@ WORKERS = {
 # ------------------------------------------------------------------------------- measuring
 
 
-def prepare_model(workload: Workload, scratch: Path) -> str:
-    """A Hugging Face folder for `workload.model` (tiny models are built here, randomly)."""
+def prepare_model(workload: Workload, scratch: Path, tokenizer_source: str | None) -> str:
+    """A Hugging Face folder for `workload.model`; `tiny`, `tiny-1b` and `random:FOLDER` (that
+    folder's architecture and tokenizer, no weights needed) get random weights built here."""
     if workload.model == "default":
         from corral.model.default import default_model_dir
 
         return str(default_model_dir())
-    if workload.model not in ("tiny", "tiny-1b"):
+    if workload.model not in ("tiny", "tiny-1b") and not workload.model.startswith("random:"):
         return workload.model
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-    from corral.model.default import default_model_dir
+    if workload.model.startswith("random:"):
+        source = workload.model.removeprefix("random:")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source)
+    else:
+        if tokenizer_source is None:
+            from corral.model.default import default_model_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+            tokenizer_source = str(default_model_dir())
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        config = _tiny_config(workload.model, tokenizer)
+    torch.manual_seed(0)
+    folder = scratch / "model"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _tiny_config(name: str, tokenizer):
+    from transformers import LlamaConfig
+
     sizes = {
         "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, heads=4, kv=2),
         # TinyLlama's shape: 1.1B parameters with this vocabulary
         "tiny-1b": dict(
             hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, heads=32, kv=4
         ),
-    }[workload.model]
+    }[name]
     heads, kv = sizes.pop("heads"), sizes.pop("kv")
-    config = LlamaConfig(
+    return LlamaConfig(
         **sizes,
         num_attention_heads=heads,
         num_key_value_heads=kv,
@@ -393,11 +419,6 @@ def prepare_model(workload: Workload, scratch: Path) -> str:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
-    folder = scratch / workload.model
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def matmul_peak_flops(device: str, dtype: str) -> float:
