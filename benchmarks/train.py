@@ -459,7 +459,10 @@ def preprocessing(workload: Workload) -> str:
         "    times.append(time.perf_counter() - t)\n"
         "print(json.dumps(times))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return f"failed: {done.stderr[-500:]}"

@@ -114,3 +114,18 @@ def test_fused_ops_and_no_mask_save_activation_memory(tiny_llama):
     lean = _saved_bytes(model, {k: v for k, v in batch.items() if k != "attention_mask"})
     print(f"\nactivation bytes saved for backward: {plain} plain, {lean} lean")
     assert lean < 0.8 * plain
+
+
+def test_fused_ops_follow_peft_with_fp32_adapters_on_a_bf16_model(tiny_llama):
+    model, tokenizer = tiny_llama
+    tiny_llama = (model.to(torch.bfloat16), tokenizer)
+    model, tokenizer = _trainable(tiny_llama, "finetuning_type=lora", "lora_target=all")
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    batch = _batch(len(tokenizer))
+    plain_loss, plain_grads = _loss_and_grads(model, batch)
+    fuse_for_training(model)
+    fused_loss, fused_grads = _loss_and_grads(model, batch)
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-2)
+    for name, grad in plain_grads.items():
+        assert fused_grads[name].dtype == grad.dtype
+        torch.testing.assert_close(fused_grads[name], grad, atol=2e-2, rtol=5e-2, msg=name)

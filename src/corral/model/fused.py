@@ -35,12 +35,15 @@ class SwiGLUDown(torch.autograd.Function):
     def forward(ctx, gate, up, weight, lora_a, lora_b, scale):  # noqa: D102 - autograd API
         shape = gate.shape
         gate, up = gate.reshape(-1, shape[-1]), up.reshape(-1, shape[-1])
+        # computed in the activations' dtype: under bf16 autocast, or with fp32 adapters on a
+        # bf16 model (peft's default), the weights are cast, as the unfused modules would be
+        weight_c, lora_a_c, lora_b_c = _cast(gate.dtype, weight, lora_a, lora_b)
         product = F.silu(gate) * up
-        out = product @ weight.t()
+        out = product @ weight_c.t()
         product_a = None
         if lora_a is not None:
-            product_a = product @ lora_a.t()
-            out.addmm_(product_a, lora_b.t(), alpha=scale)
+            product_a = product @ lora_a_c.t()
+            out.addmm_(product_a, lora_b_c.t(), alpha=scale)
         ctx.save_for_backward(gate, up, weight, lora_a, lora_b, product_a)
         ctx.scale, ctx.shape = scale, shape
         return out.reshape(*shape[:-1], out.shape[-1])
@@ -48,21 +51,22 @@ class SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102 - autograd API
         gate, up, weight, lora_a, lora_b, product_a = ctx.saved_tensors
-        grad_out = grad_out.reshape(-1, grad_out.shape[-1])
+        weight_c, lora_a_c, lora_b_c = _cast(gate.dtype, weight, lora_a, lora_b)
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1]).to(gate.dtype)
         sig = torch.sigmoid(gate)
         silu = gate * sig
         product = silu * up  # recomputed: this is the memory the op saves
-        grad_product = grad_out @ weight
+        grad_product = grad_out @ weight_c
         grad_weight = grad_a = grad_b = None
         if ctx.needs_input_grad[2]:
-            grad_weight = grad_out.t() @ product
+            grad_weight = (grad_out.t() @ product).to(weight.dtype)
         if lora_a is not None:
-            grad_out_b = grad_out @ lora_b  # (tokens, rank)
-            grad_product.addmm_(grad_out_b, lora_a, alpha=ctx.scale)
+            grad_out_b = grad_out @ lora_b_c  # (tokens, rank)
+            grad_product.addmm_(grad_out_b, lora_a_c, alpha=ctx.scale)
             if ctx.needs_input_grad[4]:
-                grad_b = (grad_out.t() @ product_a).mul_(ctx.scale)
+                grad_b = (grad_out.t() @ product_a).mul_(ctx.scale).to(lora_b.dtype)
             if ctx.needs_input_grad[3]:
-                grad_a = (grad_out_b.t() @ product).mul_(ctx.scale)
+                grad_a = (grad_out_b.t() @ product).mul_(ctx.scale).to(lora_a.dtype)
         del product
         grad_up = grad_product * silu
         # d silu(g)/dg = sig * (1 + g * (1 - sig))
@@ -76,6 +80,10 @@ class SwiGLUDown(torch.autograd.Function):
             grad_b,
             None,
         )
+
+
+def _cast(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if t is None else t.to(dtype) for t in tensors]
 
 
 def linear_parts(module: Any) -> tuple[Any, Any, Any, float] | None:
@@ -110,7 +118,12 @@ def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
         return self._unfused_forward(x, *args, **kwargs)
     weight, lora_a, lora_b, scale = parts
     flat = x.reshape(-1, x.shape[-1])
-    out = torch.addmm(flat @ weight.t(), flat @ lora_a.t(), lora_b.t(), alpha=scale)
+    base = flat @ weight.t()
+    low_rank = flat.to(lora_a.dtype) @ lora_a.t()
+    if low_rank.dtype == base.dtype:  # same dtype, or both cast by autocast
+        out = torch.addmm(base, low_rank, lora_b.t(), alpha=scale)
+    else:  # fp32 adapters on a bf16/fp16 model without autocast: peft's arithmetic
+        out = base + (low_rank @ lora_b.t() * scale).to(base.dtype)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -145,7 +145,9 @@ class CorralTrainer(Trainer):
             inputs.pop("attention_mask", None)
         if hasattr(model, "get_decoder"):
             inputs.pop("labels")
-            hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+            # the Trainer's bf16/fp16 autocast wraps model.forward, which this path skips
+            with self.accelerator.autocast():
+                hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
             loss = causal_lm_loss(hidden, labels, model.get_output_embeddings(), num_items_in_batch)
         else:
             # Wrapped for distributed training (DDP/FSDP): the forward must go through the
