@@ -96,8 +96,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_logits = grad_logits.to(weight.dtype)
                 if need_h:
                     grad_hidden[start : start + CHUNK_TOKENS] = grad_logits @ weight
-                if need_w:
-                    grad_weight += grad_logits.t().float() @ h.float()
+                if need_w:  # a matmul in the weights' dtype (bf16 on GPUs), summed in fp32
+                    grad_weight += (grad_logits.t() @ h.to(weight.dtype)).float()
         scale = 1.0 / denominator.to(torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight, scale)
         ctx.weight_dtype = weight.dtype
