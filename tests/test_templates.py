@@ -144,6 +144,25 @@ EXPECTED = {
 }
 
 
+# the single-turn prompt for U1 after a system message
+SINGLE_WITH_SYSTEM = {
+    "alpaca": f"{SYS}\n\n### Instruction:\n{U1}\n\n### Response:\n",
+    "vicuna": f"<s>{SYS} USER: {U1} ASSISTANT:",
+    "llama2": f"<s>[INST] <<SYS>>\n{SYS}\n<</SYS>>\n\n{U1} [/INST]",
+    "llama3": "<|begin_of_text|>"
+    f"<|start_header_id|>system<|end_header_id|>\n\n{SYS}<|eot_id|>"
+    f"<|start_header_id|>user<|end_header_id|>\n\n{U1}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "chatml": f"<|im_start|>system\n{SYS}<|im_end|>\n<|im_start|>user\n{U1}<|im_end|>\n"
+    "<|im_start|>assistant\n",
+    "mistral": f"<s>[INST] {SYS}\n\n{U1} [/INST]",
+    "qwen": f"<|im_start|>system\n{SYS}<|im_end|>\n<|im_start|>user\n{U1}<|im_end|>\n"
+    "<|im_start|>assistant\n",
+    "default": f"{SYS}\nHuman: {U1}\nAssistant:",
+    "empty": f"{SYS}{U1}",
+}
+
+
 def family_tokenizer(name: str):
     return word_tokenizer("<|begin_of_text|>" if name == "llama3" else "<s>", "</s>")
 
@@ -163,6 +182,9 @@ def test_rendered_text_is_the_published_format(name):
     assert render(template, tokenizer, whole, add_generation_prompt=False) == multi_with_system
     follow_up = conversation(U1, A1, U2)
     assert render(template, tokenizer, follow_up, add_generation_prompt=True) == multi
+    with_system = conversation(U1, system=SYS)
+    prompt = render(template, tokenizer, with_system, add_generation_prompt=True)
+    assert prompt == SINGLE_WITH_SYSTEM[name]
 
 
 def test_alpaca_with_input_uses_the_stanford_input_prompt():
@@ -322,19 +344,23 @@ def test_sentencepiece_turns_split_on_reply_boundaries(llama2_tokenizer, name):
         seen += prompt + response
 
 
-def test_llama2_turns_on_sentencepiece_tokens(llama2_tokenizer):
+def test_llama2_turns_are_metas_reference_tokens(llama2_tokenizer, shared_dir):
+    """Meta's `chat_completion` encodes each exchange as <s> + SentencePiece("[INST] u [/INST]
+    a ") + </s>, and the open turn as <s> + SentencePiece("[INST] u [/INST]")."""
+    import sentencepiece
+
+    model = shared_dir / "data" / "llama2-tokenizer" / "tokenizer.model"
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
     tok = llama2_tokenizer
     pairs = encode_turns(get_template("llama2", tok), tok, conversation(U1, A1, U2, A2))
 
-    pieces = [(tok.convert_ids_to_tokens(p), tok.convert_ids_to_tokens(r)) for p, r in pairs]
-    assert pieces[0][1] == ["▁Paris", ".", "▁", "</s>"]
-    assert pieces[1] == (
-        ["<s>", "[", "INST", "]", "▁And", "▁of", "▁Italy", "?", "▁[", "/", "INST", "]"],
-        ["▁Rome", ".", "▁", "</s>"],
-    )
-    assert pieces[0][0][:5] == ["<s>", "[", "INST", "]", "▁What"]
+    for (prompt, response), (user, reply) in zip(pairs, [(U1, A1), (U2, A2)], strict=True):
+        exchange = sp.encode(f"[INST] {user} [/INST] {reply} ")
+        assert prompt + response == [sp.bos_id(), *exchange, sp.eos_id()]  # </s>: trained
+        assert tok.convert_ids_to_tokens(prompt)[-4:] == ["▁[", "/", "INST", "]"]
+    assert tok.convert_ids_to_tokens(pairs[1][1]) == ["▁Rome", ".", "▁", "</s>"]
     prompt = encode_prompt(get_template("llama2", tok), tok, conversation(U1))
-    assert tok.convert_ids_to_tokens(prompt[:3]) == ["<s>", "[", "INST"]  # one <s>, not two
+    assert prompt == [sp.bos_id(), *sp.encode(f"[INST] {U1} [/INST]")]  # one <s>, not two
 
 
 def test_a_token_straddling_the_reply_start_belongs_to_the_prompt(smol_tokenizer):
