@@ -168,3 +168,20 @@ def test_interactive_chat_through_a_pty(tiny_llama_dir):
     os.write(fd, b"/exit\n")
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_reply_and_keeps_the_session(default_model_dir):
+    pid, fd = pty.fork()
+    if pid == 0:  # the default model replies slowly enough to be interrupted mid-reply
+        command = ["chat", "--temperature", "0", "--max-new-tokens", "400"]
+        os.execv(sys.executable, [sys.executable, "-m", "corral", *command])
+    _read_until(fd, b"User: ")
+    os.write(fd, b"Write a very long story about a dragon who learns to cook.\n")
+    _read_until(fd, b"Assistant: ")
+    time.sleep(1.0)  # a few words in
+    os.write(fd, b"\x03")  # Ctrl-C on the terminal: SIGINT to corral chat
+    assert b"[stopped]" in _read_until(fd, b"User: ")
+    os.write(fd, b"/exit\n")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

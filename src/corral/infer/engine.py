@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from corral.config.fields import GenerationConfig, ModelConfig
@@ -59,6 +59,8 @@ class ChatEngine:
             model, tokenizer = load_model(self.model_config)
         self.model, self.tokenizer = model, tokenizer
         self.template: Template = get_template(self.model_config.template, tokenizer)
+        if self.model_config.default_system is not None:  # for ppl and mc too, not just chat
+            self.template = replace(self.template, default_system=self.model_config.default_system)
         self.generation = generation or GenerationConfig()
         self.stop_ids = stop_token_ids(self.template, tokenizer)
         self.stop_texts = stop_strings(self.template, tokenizer)
@@ -113,11 +115,18 @@ class ChatEngine:
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        text = ""
-        for piece in streamer:
-            text += piece
-            yield piece
-        thread.join()
+        text, finished = "", False
+        try:
+            for piece in streamer:
+                text += piece
+                yield piece
+            finished = True
+        finally:
+            # A consumer that stops early (Ctrl-C, a closed client) must not leave the model
+            # running in the thread: an interpreter exiting under it aborts the process.
+            if not finished:
+                stop_event.set()
+            thread.join()
         if "error" in result:
             raise result["error"]
         return self._reply(text, prompt, result["ids"], settings, stop_event.is_set())
