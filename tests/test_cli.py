@@ -76,6 +76,8 @@ def test_bad_arguments_exit_2_with_a_suggestion(args, message):
         (["train", "oops"], "'oops' is neither a .yaml config file nor a key=value override"),
         (["chat", "--model", "./no/such/model", "--prompt", "hi"], "does not exist"),
         (["chat", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+        # an output folder under a file: the OS's own error, as one line naming the path
+        (["train", "output_dir=README.md/out"], "Not a directory: 'README.md/out'"),
     ],
 )
 def test_user_errors_exit_1_with_one_message(args, message):

@@ -170,6 +170,17 @@ def test_yaml_errors_name_the_file_and_line(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(tmp_path / "list.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("default_system: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text"):
+        load_config(tmp_path / "latin1.yaml")
+
+
+def test_override_text_that_is_not_yaml_is_kept_as_typed():
+    config = load_config(None, ["default_system=Note: be brief: always", "dataset=[a"])
+    assert config.model.default_system == "Note: be brief: always"
+    assert config.data.dataset == ["[a"]
+    with pytest.raises(ConfigError, match="lora_rank"):
+        load_config(None, ["lora_rank=[1,"])
 
 
 def test_saved_config_round_trips(tmp_path):

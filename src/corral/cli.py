@@ -100,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"corral {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a path the user gave: unwritable, a disk that filled up, ...
+        if args.debug:
+            raise
+        print(f"corral {args.command}: error: {exc} (--debug shows where)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -92,6 +92,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError([f"config file '{path}' does not exist"])
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -110,8 +112,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError([f"override '{item}' is not of the form key=value"])
-        parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        parsed[key.strip()] = _override_value(value)
     return parsed
+
+
+def _override_value(value: str) -> Any:
+    """A YAML scalar or list; text YAML cannot parse (`default_system=Note: be brief`) is kept
+    as the string typed, for the field's own type check to judge."""
+    if not value.strip():
+        return None
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
 
 
 # LLaMA-Factory spells some of corral's options differently; translate them so its YAML runs.
