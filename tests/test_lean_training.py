@@ -129,3 +129,73 @@ def test_fused_ops_follow_peft_with_fp32_adapters_on_a_bf16_model(tiny_llama):
     for name, grad in plain_grads.items():
         assert fused_grads[name].dtype == grad.dtype
         torch.testing.assert_close(fused_grads[name], grad, atol=2e-2, rtol=5e-2, msg=name)
+
+
+@pytest.mark.parametrize("finetuning_type", ["full", "freeze", "lora"])
+def test_half_precision_models_train_fp32_master_weights(tiny_llama, finetuning_type):
+    model, tokenizer = tiny_llama
+    model, _ = _trainable(
+        (model.to(torch.bfloat16), tokenizer),
+        f"finetuning_type={finetuning_type}",
+        "freeze_trainable_layers=1",
+    )
+    dtypes = {p.requires_grad: set() for p in model.parameters()}
+    for param in model.parameters():
+        dtypes[param.requires_grad].add(param.dtype)
+    assert dtypes[True] == {torch.float32}  # what AdamW updates
+    assert dtypes.get(False, {torch.bfloat16}) == {torch.bfloat16}  # frozen: as loaded
+
+
+def test_fused_loss_under_autocast_computes_in_half_precision(tiny_llama):
+    """fp32 master weights under bf16 autocast: the LM head matmuls run in bf16, as the plain
+    head's would, and the weight's gradient comes back in fp32."""
+    model, tokenizer = tiny_llama
+    head = model.get_output_embeddings()
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 9, head.in_features, generator=generator, requires_grad=True)
+    labels = torch.randint(0, len(tokenizer), (2, 9), generator=generator)
+    labels[0, :4] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = causal_lm_loss(hidden, labels, head)
+        logits = head(hidden[:, :-1]).float()  # bf16 under autocast
+    plain = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    )
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-3)  # the same bf16 logits
+    fused.backward()
+    assert head.weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+    exact = causal_lm_loss(hidden.detach(), labels, head)  # fp32 logits differ from bf16 ones
+    assert fused.item() != exact.item()
+
+
+def test_bf16_weights_train_in_mixed_precision_and_save_as_loaded(tiny_llama_dir, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from corral.train.trainer import training_arguments
+    from corral.train.workflow import run_training
+
+    data = tmp_path / "qa.json"
+    data.write_text(json.dumps([{"instruction": "Hi?", "output": "Hello there."}] * 8))
+    overrides = [
+        f"model_name_or_path={tiny_llama_dir}",
+        f"dataset={data}",
+        f"output_dir={tmp_path / 'out'}",
+        "template=chatml",
+        "dtype=bfloat16",
+        "finetuning_type=full",
+        "max_steps=2",
+        "learning_rate=1e-3",
+        "stop_check_samples=0",
+    ]
+    config = load_config(None, overrides)
+    assert training_arguments(config, has_eval=False, weights_dtype=torch.bfloat16).bf16
+    assert not training_arguments(config, has_eval=False).bf16
+    run_training(config)
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    before = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(saved[name], before.state_dict()[name])

@@ -88,7 +88,14 @@ def learnable_tiny_dir(tiny_llama_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     ("stage", "method"),
-    [("sft", "lora"), ("sft", "full"), ("sft", "freeze"), ("pt", "lora"), ("pt", "full")],
+    [
+        ("sft", "lora"),
+        ("sft", "full"),
+        ("sft", "freeze"),
+        ("pt", "lora"),
+        ("pt", "full"),
+        ("pt", "freeze"),
+    ],
 )
 def test_loss_falls_over_30_steps(learnable_tiny_dir, sft_file, pt_file, tmp_path, stage, method):
     data = sft_file if stage == "sft" else pt_file
@@ -241,6 +248,14 @@ def test_non_empty_output_dir_is_refused(tiny_llama_dir, sft_file, tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+def test_a_run_that_failed_before_training_can_be_rerun(tiny_llama_dir, sft_file, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(CorralError, match="missing.json"):
+        run_training(_config(tiny_llama_dir, tmp_path / "missing.json", out, "max_steps=1"))
+    run_training(_config(tiny_llama_dir, sft_file, out, "max_steps=1"))  # no overwrite needed
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 def test_resume_without_checkpoint_is_an_error(tiny_llama_dir, sft_file, tmp_path):
     with pytest.raises(CorralError, match="holds no checkpoint-N folder"):
         run_training(
@@ -255,3 +270,56 @@ def test_validation_loss_is_logged(tiny_llama_dir, sft_file, tmp_path):
     )
     lines = [json.loads(x) for x in (out / callbacks.LOG_FILE).read_text().splitlines()]
     assert [x["step"] for x in lines if "eval_loss" in x] == [2, 4]
+
+
+def test_default_system_is_trained_recorded_and_served(
+    tiny_llama_dir, sft_file, tmp_path, monkeypatch
+):
+    from transformers import AutoTokenizer
+
+    from corral.config.fields import ModelConfig
+    from corral.data.templates import encode_turns
+    from corral.infer.engine import ChatEngine
+    from corral.train import workflow
+
+    seen = []
+    build = workflow.build_dataset
+    monkeypatch.setattr(
+        workflow, "build_dataset", lambda *a, **k: seen.append(a[2]) or build(*a, **k)
+    )
+    out = tmp_path / "out"
+    run_training(_config(tiny_llama_dir, sft_file, out, "max_steps=1", "default_system=Be Zed."))
+    [template] = seen
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    turns = encode_turns(
+        template,
+        tokenizer,
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+    )
+    assert "Be Zed." in tokenizer.decode(turns[0][0])
+    assert json.loads((out / "corral_run.json").read_text())["default_system"] == "Be Zed."
+    engine = ChatEngine(
+        ModelConfig(model_name_or_path=str(tiny_llama_dir), adapter_name_or_path=[str(out)])
+    )
+    prompt = tokenizer.decode(engine.prompt_ids([{"role": "user", "content": "hi"}]))
+    assert "Be Zed." in prompt and "<|im_start|>" in prompt  # the recorded template too
+
+
+def test_stop_rate_is_reported_and_warns(tiny_llama_dir, sft_file, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    logging.getLogger("corral").addHandler(caplog.handler)  # corral's logger does not propagate
+    try:
+        out = tmp_path / "out"
+        metrics = run_training(
+            _config(tiny_llama_dir, sft_file, out, "max_steps=1", "stop_check_samples=3")
+        )
+    finally:
+        logging.getLogger("corral").removeHandler(caplog.handler)
+    saved = json.loads((out / "train_results.json").read_text())
+    assert saved["stop_rate_samples"] == metrics["stop_rate_samples"] == 3
+    # one step on a random model: its greedy replies never reach the end-of-turn token
+    assert saved["stop_rate"] == metrics["stop_rate"] == 0.0
+    assert "stop rate: 0% of 3 greedy replies" in caplog.text
+    assert "the tuned model often does not stop" in caplog.text

@@ -34,8 +34,23 @@ def apply_method(model: Any, method: MethodConfig, adapters: list[str] | None = 
         _freeze_all_but(model, _freeze_trainable_names(model, method))
     else:
         model.requires_grad_(True)
+    _fp32_trainable(model)
     _log_trainable(model)
     return model
+
+
+def _fp32_trainable(model: Any) -> None:
+    """Give half-precision trainable weights fp32 master copies, as mixed precision expects.
+
+    AdamW updates of lr x ~1 (1e-5 for full fine-tuning) are below bf16's resolution at typical
+    weight sizes, so bf16 weights would mostly not move; the Trainer's autocast keeps the
+    matmuls in half precision. Frozen weights stay as loaded (no memory is added for them).
+    """
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
 
 
 def lora_target_modules(model: Any, targets: list[str]) -> list[str] | str:

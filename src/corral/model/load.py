@@ -193,40 +193,49 @@ def pick_attention(pref: str, device: Any) -> str:
 
 
 def resolve_base_for_adapters(model_config: ModelConfig) -> ModelConfig:
-    """Fill the base model and template an adapter was trained with, where the user left them.
+    """Fill what a trained folder recorded (base model, template, system prompt), where the
+    user left it unset.
 
-    With `model_name_or_path` at 'default' (or empty), the first adapter's recorded base model
-    is used (its run info, else peft's `base_model_name_or_path`). An empty `template` becomes
-    the one the last adapter was trained with.
+    With adapters and `model_name_or_path` at 'default' (or empty), the first adapter's recorded
+    base model is used (its run info, else peft's `base_model_name_or_path`). An empty
+    `template` and `default_system` become those the last adapter was trained with; without
+    adapters, those a full or freeze fine-tuned model folder was trained with.
 
     Returns:
-        A copy of `model_config` (the same values when there are no adapters).
+        A copy of `model_config` (the same values when nothing is recorded).
 
     Raises:
         ModelError: for a missing adapter folder, or a recorded local base that is gone.
     """
     adapters = model_config.adapter_name_or_path or []
-    if not adapters:
-        return replace(model_config)
-    check_adapter_folders(adapters)
     changes: dict[str, Any] = {}
-    if model_config.model_name_or_path in ("", "default"):
-        base = recorded_base_model(adapters[0])
-        if base is not None and base not in ("", "default"):
-            if _looks_local(base) and not Path(base).expanduser().exists():
-                raise ModelError(
-                    f"adapter '{adapters[0]}' was trained on '{base}', which does not exist "
-                    "here; pass that base model as model_name_or_path"
-                )
-            get_logger().info(f"adapter '{adapters[0]}' was trained on '{base}': loading it")
-            changes["model_name_or_path"] = base
-    if model_config.template is None:
-        for adapter in reversed(adapters):
-            info = find_run_info(adapter)
-            if info is not None and info.get("template"):
-                changes["template"] = info["template"]
-                break
-    return replace(model_config, **changes)
+    if adapters:
+        check_adapter_folders(adapters)
+        if model_config.model_name_or_path in ("", "default"):
+            changes["model_name_or_path"] = _recorded_base(adapters[0])
+        trained = list(reversed(adapters))
+    else:
+        local = Path(model_config.model_name_or_path or "").expanduser()
+        trained = [str(local)] if model_config.model_name_or_path and local.is_dir() else []
+    infos = [info for info in map(find_run_info, trained) if info is not None]
+    for key, recorded in (("template", "template"), ("default_system", "default_system")):
+        value = next((i[recorded] for i in infos if i.get(recorded)), None)
+        if getattr(model_config, key) is None and value is not None:
+            changes[key] = value
+    return replace(model_config, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _recorded_base(adapter: str) -> str | None:
+    base = recorded_base_model(adapter)
+    if base is None or base in ("", "default"):
+        return None
+    if _looks_local(base) and not Path(base).expanduser().exists():
+        raise ModelError(
+            f"adapter '{adapter}' was trained on '{base}', which does not exist here; pass "
+            "that base model as model_name_or_path"
+        )
+    get_logger().info(f"adapter '{adapter}' was trained on '{base}': loading it")
+    return base
 
 
 def recorded_base_model(adapter: str) -> str | None:

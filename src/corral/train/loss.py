@@ -81,11 +81,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        with torch.autocast(hidden.device.type, enabled=False):
+        device = hidden.device.type
+        # matmuls in autocast's dtype when it is on (fp32 master weights, bf16 compute), else
+        # in the weights' own; logits, softmax and the sums stay fp32
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        compute = compute or weight.dtype
+        weight_c = weight.to(compute)
+        with torch.autocast(device, enabled=False):
             for start in range(0, targets.numel(), CHUNK_TOKENS):
-                h = hidden[start : start + CHUNK_TOKENS]
+                h = hidden[start : start + CHUNK_TOKENS].to(compute)
                 y = targets[start : start + CHUNK_TOKENS]
-                logits = (h.to(weight.dtype) @ weight.t()).float()
+                logits = (h @ weight_c.t()).float()
                 log_z = torch.logsumexp(logits, dim=-1)
                 total += (log_z - logits.gather(1, y[:, None]).squeeze(1)).sum()
                 if not (need_h or need_w):
@@ -93,11 +99,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 # d(sum CE)/d(logits) = softmax - one_hot, computed in place to save memory.
                 grad_logits = logits.sub_(log_z[:, None]).exp_()
                 grad_logits[torch.arange(y.numel(), device=y.device), y] -= 1
-                grad_logits = grad_logits.to(weight.dtype)
+                grad_logits = grad_logits.to(compute)
                 if need_h:
-                    grad_hidden[start : start + CHUNK_TOKENS] = grad_logits @ weight
-                if need_w:  # a matmul in the weights' dtype (bf16 on GPUs), summed in fp32
-                    grad_weight += (grad_logits.t() @ h.to(weight.dtype)).float()
+                    grad_hidden[start : start + CHUNK_TOKENS] = grad_logits @ weight_c
+                if need_w:  # a matmul in the compute dtype (bf16 on GPUs), summed in fp32
+                    grad_weight += (grad_logits.t() @ h).float()
         scale = 1.0 / denominator.to(torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight, scale)
         ctx.weight_dtype = weight.dtype

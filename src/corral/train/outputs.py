@@ -23,7 +23,10 @@ def prepare_output_dir(config: CorralConfig) -> str | None:
     resume = config.train.resume_from_checkpoint
     if resume is not None:
         return _checkpoint_to_resume(out, resume)
-    if out.is_dir() and any(out.iterdir()):
+    # A folder holding only the config is a run that failed before training (a missing model,
+    # a dataset typo): its rerun must not need overwrite_output_dir.
+    written = [p.name for p in out.iterdir()] if out.is_dir() else []
+    if written and written != [CONFIG_FILE]:
         if not config.output.overwrite_output_dir:
             raise CorralError(
                 f"output_dir '{out}' is not empty; set overwrite_output_dir=true to replace it, "
@@ -51,7 +54,11 @@ def _checkpoint_to_resume(out: Path, resume: str) -> str:
 
 
 def save_final(
-    trainer: Any, config: CorralConfig, base_model: str, template_name: str | None
+    trainer: Any,
+    config: CorralConfig,
+    base_model: str,
+    template_name: str | None,
+    default_system: str | None = None,
 ) -> None:
     """Save the model or adapter with its tokenizer, template, config and run info."""
     out = config.output.output_dir
@@ -65,4 +72,5 @@ def save_final(
         stage=config.method.stage,
         finetuning_type=config.method.finetuning_type,
         datasets=config.data.dataset,
+        extra={"default_system": default_system} if default_system is not None else None,
     )

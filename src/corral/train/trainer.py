@@ -35,9 +35,21 @@ class TokenMeter:
         return self.real_tokens / max(self.seconds(), 1e-9)
 
 
-def training_arguments(config: CorralConfig, *, has_eval: bool) -> TrainingArguments:
-    """Translate corral's config into the Trainer's arguments (the only place that does)."""
+def training_arguments(
+    config: CorralConfig, *, has_eval: bool, weights_dtype: torch.dtype = torch.float32
+) -> TrainingArguments:
+    """Translate corral's config into the Trainer's arguments (the only place that does).
+
+    Args:
+        config: the resolved config.
+        has_eval: whether there is a validation set.
+        weights_dtype: the dtype the model was loaded in; half precision (GPUs) means mixed
+            precision training in it, unless bf16/fp16 is set explicitly.
+    """
     train, out = config.train, config.output
+    bf16, fp16 = train.bf16, train.fp16
+    if not (bf16 or fp16):
+        bf16, fp16 = weights_dtype == torch.bfloat16, weights_dtype == torch.float16
     warmup = train.warmup_steps if train.warmup_steps > 0 else train.warmup_ratio
     eval_steps = train.eval_steps or out.logging_steps * 10
     on_cpu = pick_device(config.model.device).type == "cpu"
@@ -57,8 +69,8 @@ def training_arguments(config: CorralConfig, *, has_eval: bool) -> TrainingArgum
         **_checkpointing_arguments(train.gradient_checkpointing),
         seed=train.seed,
         data_seed=train.seed,
-        bf16=train.bf16,
-        fp16=train.fp16,
+        bf16=bf16,
+        fp16=fp16,
         logging_steps=out.logging_steps,
         save_steps=out.save_steps,
         save_total_limit=out.save_total_limit,

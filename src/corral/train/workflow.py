@@ -58,6 +58,8 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     model_config = resolve_base_for_adapters(config.model)
     model, tokenizer = load_model(model_config, for_training=True)
     template = get_template(model_config.template, tokenizer)
+    if model_config.default_system is not None:  # trained with, so chat and serve use it too
+        template = dataclasses.replace(template, default_system=model_config.default_system)
     tokenizer.chat_template = template.jinja  # saved with every checkpoint: serve what we trained
     started = time.perf_counter()
     data = build_dataset(
@@ -66,6 +68,7 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     preprocessing_seconds = time.perf_counter() - started
     log.info("dataset summary:\n" + format_summary(data.stats))
     set_seed(config.train.seed)  # LoRA's random init must not depend on what ran before
+    weights_dtype = model.dtype  # trainable weights become fp32 master copies below
     model = apply_method(model, config.method, model_config.adapter_name_or_path)
     if config.train.fused_ops:
         fuse_for_training(model)
@@ -77,7 +80,9 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     interrupt = InterruptCallback()
     trainer = CorralTrainer(
         model=model,
-        args=training_arguments(config, has_eval=data.eval is not None),
+        args=training_arguments(
+            config, has_eval=data.eval is not None, weights_dtype=weights_dtype
+        ),
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=Collator(
@@ -98,6 +103,8 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
         )
         raise KeyboardInterrupt
     result.metrics["preprocessing_seconds"] = round(preprocessing_seconds, 3)
+    if config.method.finetuning_type != "lora":  # saved in the dtype it was loaded in
+        trainer.model.to(weights_dtype)
     return _finish(config, trainer, result, meter, stage, model_config, template, data)
 
 
@@ -107,6 +114,7 @@ def _finish(config, trainer, result, meter, stage, model_config, template, data)
         config,
         model_config.model_name_or_path,
         None if template.name == "tokenizer" else template.name,
+        model_config.default_system,
     )
     metrics = dict(result.metrics)
     metrics.update(
