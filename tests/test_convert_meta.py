@@ -4,6 +4,7 @@ independent re-implementation of Meta's reference forward pass; the tokenizer ro
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -33,6 +34,8 @@ def meta_forward(weights: dict, params: dict, tokens: torch.Tensor) -> torch.Ten
     head_dim, seq = dim // n_heads, tokens.shape[1]
     theta = params.get("rope_theta", 10000.0)
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    if params.get("use_scaled_rope"):
+        freqs = _meta_apply_scaling(freqs)
     freqs_cis = torch.polar(
         torch.ones(seq, head_dim // 2), torch.outer(torch.arange(seq).float(), freqs)
     )
@@ -59,6 +62,28 @@ def meta_forward(weights: dict, params: dict, tokens: torch.Tensor) -> torch.Ten
         gate = torch.nn.functional.silu(x @ w["feed_forward.w1.weight"].T)
         h = h + (gate * (x @ w["feed_forward.w3.weight"].T)) @ w["feed_forward.w2.weight"].T
     return _rms_norm(h, weights["norm.weight"], params["norm_eps"]) @ weights["output.weight"].T
+
+
+def _meta_apply_scaling(freqs: torch.Tensor) -> torch.Tensor:
+    """Llama 3.1's `apply_scaling` from Meta's reference model.py (its constants)."""
+    import math
+
+    scale_factor, low_freq_factor, high_freq_factor, old_context_len = 8, 1, 4, 8192
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    new_freqs = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            new_freqs.append(freq)
+        elif wavelen > low_freq_wavelen:
+            new_freqs.append(freq / scale_factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (
+                high_freq_factor - low_freq_factor
+            )
+            new_freqs.append((1 - smooth) * freq / scale_factor + smooth * freq)
+    return torch.tensor(new_freqs, dtype=freqs.dtype)
 
 
 # --- Tiny checkpoints in Meta's format -----------------------------------------------------
@@ -186,6 +211,27 @@ def test_convert_refuses_existing_output_and_wrong_input(tmp_path, capsys):
         main(["convert", "meta", "--input", str(tmp_path), "--output", str(tmp_path / "out")]) == 1
     )
     assert "already exists; pass --overwrite" in capsys.readouterr().err
+    (tmp_path / "params.json").write_text('{"dim": 8,')
+    assert (
+        main(["convert", "meta", "--input", str(tmp_path), "--output", str(tmp_path / "o3")]) == 1
+    )
+    assert "params.json' is not valid JSON" in capsys.readouterr().err
+
+
+class _Pickled:
+    """Not a tensor: torch.load(weights_only=True) must refuse to unpickle it."""
+
+
+def test_shards_holding_pickled_code_are_refused(tmp_path):
+    from corral.export.meta import load_shards
+    from corral.utils.errors import ExportError
+
+    torch.save({"tok_embeddings.weight": _Pickled()}, tmp_path / "consolidated.00.pth")
+    with pytest.raises(ExportError, match=r"consolidated\.00\.pth' is not a checkpoint of plain"):
+        load_shards(tmp_path)
+    (tmp_path / "consolidated.00.pth").write_bytes(b"PK\x03\x04truncated")
+    with pytest.raises(ExportError, match="is not a checkpoint of plain tensors"):
+        load_shards(tmp_path)
 
 
 @pytest.mark.slow
@@ -301,3 +347,53 @@ def test_llama3_checkpoint_converts_with_its_tiktoken_tokenizer(tmp_path, tiktok
         ]
         assert tokenizer.decode(ids[1:]) == text
     assert "<|start_header_id|>" in tokenizer.chat_template  # Meta's Llama 3 chat format
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None,
+    reason="llama-cpp-python is not installed (pip install 'corral[llamacpp]'; make test does)",
+)
+def test_llama3_1_converts_and_exports_a_gguf_llama_cpp_reads_alike(tmp_path, tiktoken_file):
+    """Llama 3.1: scaled rope and the tiktoken tokenizer survive convert -> export -> llama.cpp."""
+    import llama_cpp
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    n_base = 256 + len(_MERGED)
+    params = {
+        "dim": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "multiple_of": 32,
+        "norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "use_scaled_rope": True,
+        "vocab_size": n_base + 256,
+    }
+    weights = _random_weights(params, params["vocab_size"])
+    write_meta_checkpoint(tmp_path / "meta", params, weights, 1, tiktoken_file)
+    hf, gguf_file = tmp_path / "hf", tmp_path / "llama31.gguf"
+    assert main(["convert", "meta", "--input", str(tmp_path / "meta"), "--output", str(hf)]) == 0
+    assert main(["export", "--model", str(hf), "--output", str(gguf_file), "--quant", "f32"]) == 0
+
+    # 256 positions: far enough for the scaled low frequencies to change the logits
+    tokens = torch.randint(0, n_base, (1, 256), generator=torch.Generator().manual_seed(1))
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = model(tokens).logits[0]
+    assert (ours - meta_forward(weights, params, tokens)[0]).abs().max() <= 1e-4
+    unscaled = meta_forward(weights, {**params, "use_scaled_rope": False}, tokens)[0]
+    assert (ours - unscaled).abs().max() > 1e-2  # so the comparisons below test the scaling
+
+    f32 = llama_cpp.GGML_TYPE_F32  # an f32 KV cache: llama.cpp's default f16 one rounds
+    llm = llama_cpp.Llama(
+        str(gguf_file), n_ctx=512, logits_all=True, type_k=f32, type_v=f32, verbose=False
+    )
+    llm.eval(tokens[0].tolist())
+    theirs = torch.from_numpy(np.array(llm.scores[: tokens.shape[1]]))
+    assert (theirs - ours).abs().max() <= 1e-3  # measured: 5e-5
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    for text in ("hello world", "Hello, world!  123456 singing\n\nin 你好"):
+        expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False) == expected, text

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SOURCES = {"meta": "Meta's original LLaMA / Llama 2 checkpoints (params.json, consolidated.NN.pth)"}
+SOURCES = {
+    "meta": "Meta's original LLaMA / Llama 2 / Llama 3 checkpoints (params.json, consolidated.NN.pth)"
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

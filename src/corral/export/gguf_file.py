@@ -23,7 +23,7 @@ from corral.utils.log import get_logger
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama"}
-_ROPE_TYPES = ("default", "linear")
+_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 def write_gguf(merged: MergedModel, path: Path, tokenizer_dir: Path, quant: str) -> None:
@@ -48,7 +48,8 @@ def write_gguf(merged: MergedModel, path: Path, tokenizer_dir: Path, quant: str)
     writer.add_name(Path(merged.base_model or merged.source.name).name)
     _add_hyperparameters(writer, config, quant)
     add_tokenizer(writer, merged, tokenizer_dir, vocab_rows=config.vocab_size)
-    for name, tensor in llama_tensors(merged.model.state_dict(), config):
+    tensors = llama_tensors(merged.model.state_dict(), config) + _rope_tensors(config)
+    for name, tensor in tensors:
         data, qtype = encode_tensor(name, tensor, quant)
         writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
@@ -81,6 +82,32 @@ def _rope(config: Any) -> dict[str, Any]:
     )
     rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     return rope
+
+
+def _rope_tensors(config: Any) -> list[tuple[str, Any]]:
+    """Llama 3.1's long-context rope as llama.cpp reads it: per-frequency divisors in a
+    `rope_freqs` tensor (the formula of transformers' `_compute_llama3_parameters`)."""
+    import math
+
+    import numpy as np
+
+    rope = _rope(config)
+    if rope.get("rope_type") != "llama3":
+        return []
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_context = rope["original_max_position_embeddings"]
+    divisors = []
+    for wavelength in 2 * math.pi / freqs:
+        if wavelength < old_context / high:  # high frequencies: unchanged
+            divisors.append(1.0)
+        elif wavelength > old_context / low:  # low frequencies: slowed by `factor`
+            divisors.append(factor)
+        else:  # in between: interpolated
+            smooth = (old_context / wavelength - low) / (high - low)
+            divisors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return [("rope_freqs.weight", np.asarray(divisors, dtype=np.float32))]
 
 
 def _add_hyperparameters(writer: Any, config: Any, quant: str) -> None:

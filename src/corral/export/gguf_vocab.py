@@ -5,7 +5,8 @@ Two kinds, as llama.cpp reads them:
 - SentencePiece (`tokenizer.ggml.model = llama`; Llama 1/2, Mistral): pieces, scores and types
   from the original `tokenizer.model`, read with gguf's own `SentencePieceVocab`.
 - Byte-level BPE (`gpt2`; SmolLM2, Llama 3, GPT-2 style): tokens and merges from
-  `tokenizer.json`; `tokenizer.ggml.pre` names the pre-tokenizer regex llama.cpp must use.
+  `tokenizer.json`; `tokenizer.ggml.pre` names the pre-tokenizer regex llama.cpp must use
+  (`gpt-2`, `smollm`, or `llama-bpe` for Llama 3).
 
 Special ids (bos, eos = the trained end-of-turn token, unk, pad), add_bos and the chat template
 come from the exported tokenizer, so llama.cpp renders and stops exactly as the model was
@@ -91,14 +92,28 @@ def bpe_pre_tokenizer(data: dict[str, Any]) -> str:
     pre = data.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = tuple(step.get("type") for step in steps)
-    regex_ok = steps and steps[-1].get("use_regex", True)
-    digits_ok = kinds != ("Digits", "ByteLevel") or steps[0].get("individual_digits")
-    if kinds in BPE_PRE_TOKENIZERS and regex_ok and digits_ok:
-        return BPE_PRE_TOKENIZERS[kinds]
+    if kinds in BPE_PRE_TOKENIZERS and steps[-1].get("use_regex", True):
+        digits_ok = kinds != ("Digits", "ByteLevel") or steps[0].get("individual_digits")
+        if digits_ok:
+            return BPE_PRE_TOKENIZERS[kinds]
+    if kinds == ("Split", "ByteLevel") and _is_llama3_split(steps[0], steps[1]):
+        return "llama-bpe"
     raise ExportError(
         f"GGUF export does not know llama.cpp's name for the pre-tokenizer {list(kinds)} in "
-        f"tokenizer.json (known: {[list(k) for k in BPE_PRE_TOKENIZERS]}); llama.cpp would "
-        "split text differently from the tokenizer the model was trained with"
+        f"tokenizer.json (known: {[list(k) for k in BPE_PRE_TOKENIZERS]} and Llama 3's split); "
+        "llama.cpp would split text differently from the tokenizer the model was trained with"
+    )
+
+
+def _is_llama3_split(split: dict[str, Any], byte_level: dict[str, Any]) -> bool:
+    """Llama 3's regex split, then byte-level mapping without GPT-2's regex (tiktoken's way)."""
+    from corral.export.meta import LLAMA3_PATTERN
+
+    return (
+        (split.get("pattern") or {}).get("Regex") == LLAMA3_PATTERN
+        and split.get("behavior") == "Isolated"
+        and not split.get("invert", False)
+        and not byte_level.get("use_regex", True)
     )
 
 

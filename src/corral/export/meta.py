@@ -51,7 +51,12 @@ def read_params(folder: Path) -> dict[str, Any]:
     path = folder / "params.json"
     if not path.is_file():
         raise ExportError(f"'{folder}' has no params.json, so it is not a Meta checkpoint folder")
-    params = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        params = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(f"'{path}' is not valid JSON ({err})") from None
+    if not isinstance(params, dict):
+        raise ExportError(f"'{path}' must hold a JSON object of the model's shape")
     missing = [k for k in ("dim", "n_layers", "n_heads", "norm_eps") if k not in params]
     if missing:
         raise ExportError(f"'{path}' lacks {', '.join(missing)}")
@@ -128,12 +133,25 @@ def convert_meta(input_dir: Path, out: Path) -> None:
 
 def load_shards(input_dir: Path) -> list[dict[str, Any]]:
     """The model-parallel shards, in rank order (tensors only: `weights_only=True`)."""
-    import torch
-
     paths = sorted(input_dir.glob("consolidated.*.pth"))
     if not paths:
         raise ExportError(f"'{input_dir}' has no consolidated.NN.pth checkpoint files")
-    return [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in paths]
+    return [_load_shard(p) for p in paths]
+
+
+def _load_shard(path: Path) -> dict[str, Any]:
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        # weights_only refuses pickled code; a truncated download fails to unzip
+        raise ExportError(
+            f"'{path}' is not a checkpoint of plain tensors (torch.load with weights_only=True "
+            f"refused it: {str(err).splitlines()[0]})"
+        ) from None
 
 
 def full_shapes(config: Any) -> dict[str, tuple[int, ...]]:
