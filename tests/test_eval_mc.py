@@ -152,6 +152,17 @@ def test_malformed_rows_name_file_and_line(tmp_path):
         read_questions(path)
 
 
+def test_empty_and_undecodable_files_are_named(tmp_path):
+    path = tmp_path / "physics_test.csv"
+    for text in ("", "\n \n", "question,A,B,C,D,answer\n"):
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(DataError, match=r"physics_test\.csv: no questions in this file"):
+            read_questions(path)
+    path.write_bytes("What is g?,9.8,1,0,3,A\n".encode("utf-16"))
+    with pytest.raises(DataError, match=r"physics_test\.csv: not UTF-8 text"):
+        read_questions(path)
+
+
 def test_header_layouts_of_ceval_and_cmmlu(tmp_path):
     ceval = tmp_path / "law_val.csv"
     ceval.write_text(

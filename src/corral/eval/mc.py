@@ -81,14 +81,19 @@ def read_questions(path: Path) -> list[Question]:
         DataError: naming file:line for a row without 6 usable columns or without an answer
             letter, and for a file without rows.
     """
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f)
+            rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if not rows:
         raise DataError(f"{path}: no questions in this file")
     columns = _header_columns(rows[0][1], f"{path}:{rows[0][0]}")
     if columns is not None:
         rows = rows[1:]
+    if not rows:
+        raise DataError(f"{path}: no questions in this file, only a header row")
     return [_question(row, columns, f"{path}:{line}") for line, row in rows]
 
 
