@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--backends", default="hf,llamacpp")
     args = parser.parse_args()
     for backend in args.backends.split(","):
+        if backend not in RAW:
+            parser.error(f"unknown backend '{backend}'; this benchmark runs {', '.join(RAW)}")
         if backend == "llamacpp" and not _has_llama_cpp():
             print("llamacpp: skipped (llama-cpp-python is not installed)")
             continue
@@ -185,11 +187,13 @@ def _start(args: list[str]) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "corral", "serve", "--port", str(port), *args]
     process = subprocess.Popen(command, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
+        if process.poll() is not None:
+            raise SystemExit(f"corral serve exited with code {process.returncode} (see above)")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return process, url

@@ -120,6 +120,7 @@ def _prompt_len(tokenizer, messages) -> int:
     [
         (["--backend", "vllm"], "vllm"),
         (["--backend", "llamacpp", "--model", "missing.gguf"], "needs a .gguf file"),
+        (["--backend", "llamacpp", "--model", "m.gguf", "--adapter", "a"], "merge them first"),
         (["--max-concurrency", "0"], "--max-concurrency must be at least 1"),
     ],
 )

@@ -100,6 +100,11 @@ class LlamaCppBackend(Backend):
         from corral.data.templates import get_template
         from corral.utils.deps import require
 
+        if model_config.adapter_name_or_path:
+            raise CorralError(
+                "--backend llamacpp serves one .gguf file and cannot add adapters: merge them "
+                "first (corral export --adapter A --output model.gguf), then --model model.gguf"
+            )
         path = Path(model_config.model_name_or_path)
         if path.suffix != ".gguf" or not path.is_file():
             raise CorralError(
