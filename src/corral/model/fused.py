@@ -3,7 +3,7 @@
     counts = fuse_for_training(model)   # after apply_method, before training
     unfuse(model)                       # the modules' own forwards again
 
-Two swaps, both exact up to float rounding (tests/test_lean_training.py):
+Three swaps, all exact up to float rounding (tests/test_lean_training.py):
 
 - MLP: `down_proj(silu(gate) * up)` as separate autograd nodes keeps four (tokens x
   intermediate) tensors alive per layer until backward: gate, silu(gate), up and their product
@@ -13,6 +13,8 @@ Two swaps, both exact up to float rounding (tests/test_lean_training.py):
   memory, fewer kernels.
 - LoRA linears: peft computes `base(x) + lora_B(lora_A(x)) * scaling`, writing four
   (tokens x out) tensors; `torch.addmm(base(x), x @ A.T, B.T, alpha=scaling)` writes two.
+- RMSNorm: the plain module keeps its input and the normalised rows for backward and writes
+  three temporaries; `RMSNormFn` keeps the input and one scale per row, recomputing the rest.
 
 They apply to bias-free `nn.Linear`s and peft LoRA `Linear`s with one active vanilla adapter
 and no dropout, in Llama-style MLPs (gate/up/down, SiLU); DoRA, dropout, quantised or merged
@@ -82,6 +84,44 @@ class SwiGLUDown(torch.autograd.Function):
         )
 
 
+class RMSNormFn(torch.autograd.Function):
+    """y = weight * x / sqrt(mean(x^2) + eps), computed in fp32, saving x and 1/rms per row."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):  # noqa: D102 - autograd API
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102 - autograd API
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            rows = (grad_out * normed.to(x.dtype)).reshape(-1, weight.shape[-1])
+            grad_weight = rows.sum(0).to(weight.dtype)
+        grad_normed = (grad_out * weight).float()
+        # d/dx of x * rstd: rstd * (g - normed * mean(g * normed))
+        dot = (grad_normed * normed).mean(-1, keepdim=True)
+        grad_x = grad_normed.sub_(normed.mul_(dot)).mul_(rstd)
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+def _fused_norm_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled():
+        return self._unfused_forward(x)
+    return RMSNormFn.apply(x, self.weight, self.variance_epsilon)
+
+
+def _is_rms_norm(module: Any) -> bool:
+    # Llama-style: weight * normalised (not Gemma's 1 + weight), with variance_epsilon
+    return type(module).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm") and (
+        isinstance(getattr(module, "weight", None), torch.nn.Parameter)
+    )
+
+
 def _cast(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.to(dtype) for t in tensors]
 
@@ -131,13 +171,17 @@ def fuse_for_training(model: Any) -> dict[str, int]:
     """Swap in the fused forwards wherever they apply.
 
     Returns:
-        How many modules changed: {"mlp": ..., "lora": ...} (zeros for other architectures).
+        How many modules changed: {"mlp": ..., "lora": ..., "norm": ...} (zeros for other
+        architectures).
     """
-    counts = {"mlp": 0, "lora": 0}
+    counts = {"mlp": 0, "lora": 0, "norm": 0}
     for module in model.modules():
         if hasattr(module, "_unfused_forward"):
             continue
-        if _is_swiglu_mlp(module) and linear_parts(module.down_proj) is not None:
+        if _is_rms_norm(module):
+            _swap(module, _fused_norm_forward)
+            counts["norm"] += 1
+        elif _is_swiglu_mlp(module) and linear_parts(module.down_proj) is not None:
             _swap(module, _fused_mlp_forward)
             counts["mlp"] += 1
         elif hasattr(module, "base_layer") and linear_parts(module) is not None:

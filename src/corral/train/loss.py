@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-CHUNK_TOKENS = 1024  # ~200 MB of fp32 logits at a 49k vocabulary: bounded, still large matmuls
+CHUNK_TOKENS = 256  # 50 MB of fp32 logits at a 49k vocabulary: a smaller peak, same speed
 
 
 def causal_lm_loss(
