@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from corral import __version__
@@ -44,6 +45,8 @@ COMMANDS = {
         "Print corral's and its libraries' versions and the device.",
     ),
 }
+# Commands that train on the CPU run under tcmalloc where installed (corral.utils.allocator).
+TRAINING_COMMANDS = ("train", "quickstart")
 
 
 class Parser(argparse.ArgumentParser):
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if extras:
         subparsers[args.command].error(f"unrecognized arguments: {' '.join(extras)}")
+    if argv is None and args.command in TRAINING_COMMANDS:  # the console script, not a caller
+        _reexec_with_tcmalloc(subparsers[args.command])
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return module.run(args) or 0
@@ -108,6 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+def _reexec_with_tcmalloc(parser: Parser) -> None:
+    """Start this command again with tcmalloc preloaded, when it is installed and not yet."""
+    from corral.utils.allocator import preload_environment
+
+    try:
+        environment = preload_environment()
+    except ValueError as exc:
+        parser.error(str(exc))
+    if environment is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "corral", *sys.argv[1:]], environment)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from corral.train.outputs import CONFIG_FILE, prepare_output_dir, save_final
 from corral.train.plot import plot_loss
 from corral.train.stages import get_stage
 from corral.train.trainer import CorralTrainer, TokenMeter, peak_memory, training_arguments
+from corral.utils.allocator import describe as describe_allocator
 from corral.utils.log import get_logger, quiet_libraries
 
 
@@ -53,6 +54,7 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     for note in config.notes:
         log.warning(note)
     log.info("resolved config:\n" + config.to_yaml().rstrip())
+    log.info(f"memory allocator: {describe_allocator()}")
     config.save(Path(config.output.output_dir) / CONFIG_FILE)
 
     model_config = resolve_base_for_adapters(config.model)
