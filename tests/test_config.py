@@ -143,6 +143,8 @@ def test_mutually_exclusive_and_cross_field_checks():
         load_config(None, ["val_size=2.5"])
     with pytest.raises(ConfigError, match="use_dora needs finetuning_type: lora"):
         load_config(None, ["use_dora=true", "finetuning_type=full"])
+    with pytest.raises(ConfigError, match="additional_target needs finetuning_type: lora"):
+        load_config(None, ["additional_target=embed_tokens", "finetuning_type=freeze"])
 
 
 def test_derived_defaults():

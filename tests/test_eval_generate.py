@@ -52,7 +52,9 @@ def _check_folder(out: Path, n: int) -> dict:
     ]
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == n
-    assert {"prompt", "reference", "prediction"} <= set(rows[0])
+    assert {"prompt", "messages", "reference", "prediction"} <= set(rows[0])
+    last = rows[0]["messages"][-1]
+    assert (last["role"], last["content"]) == ("user", rows[0]["prompt"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["kind"] == "generate" and metrics["metrics"]["examples"] == n
     for name in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "exact_match"):

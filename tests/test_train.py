@@ -185,6 +185,20 @@ def test_lora_output_reloads_with_plain_peft(tiny_llama_dir, sft_file, tmp_path)
     assert "<|im_start|>" in AutoTokenizer.from_pretrained(out).chat_template
 
 
+def test_rslora_with_a_trained_embedding_saves_both(tiny_llama_dir, sft_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    extra = ("max_steps=2", "use_rslora=true", "additional_target=embed_tokens")
+    run_training(_config(tiny_llama_dir, sft_file, out, *extra))
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["use_rslora"] is True and adapter["modules_to_save"] == ["embed_tokens"]
+    saved = load_file(out / "adapter_model.safetensors")
+    [name] = [n for n in saved if "embed_tokens" in n]
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).get_input_embeddings().weight
+    assert saved[name].shape == base.shape and not torch.equal(saved[name], base)
+
+
 def test_gradient_accumulation_matches_one_large_batch(tiny_llama_dir, sft_file, tmp_path):
     weights = []
     for batch, accumulation in ((8, 1), (2, 4)):

@@ -89,6 +89,11 @@ def _check_method(config: CorralConfig) -> list[str]:
         problems.append("use_dora needs finetuning_type: lora")
     if method.use_rslora and method.finetuning_type != "lora":
         problems.append("use_rslora needs finetuning_type: lora")
+    if method.additional_target and method.finetuning_type != "lora":
+        problems.append(
+            "additional_target needs finetuning_type: lora (full trains every module; with "
+            "freeze, name extra modules in freeze_extra_modules)"
+        )
     return problems
 
 

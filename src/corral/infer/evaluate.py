@@ -103,6 +103,7 @@ def evaluate_generation(
     predictions = [
         {
             "prompt": turns[-1]["content"] if turns else "",
+            "messages": turns,  # the whole conversation the model answered (system, history)
             "reference": reference,
             "prediction": reply.text,
             "source": record.source,
