@@ -187,7 +187,10 @@ def _start(args: list[str]) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
     command = [sys.executable, "-m", "corral", "serve", "--port", str(port), *args]
     process = subprocess.Popen(command, env=env)
     url = f"http://127.0.0.1:{port}"

@@ -5,6 +5,7 @@
     python benchmarks/train.py --with-llamafactory      # also LLaMA-Factory, in its own venv
     python benchmarks/train.py --device cuda --dtype bf16 --batch 16 --model tiny-1b
     python benchmarks/train.py --smoke                  # 2 steps on a tiny model (CI)
+    python benchmarks/train.py --profile --steps 8      # where each system's time goes
 
 Every measurement runs in a fresh worker process (so peak memory is its own), interleaved
 (A B A B ...) after one warm-up run of each system, and the table shows the median of the
@@ -85,13 +86,21 @@ def main() -> None:
     parser.add_argument(
         "--tokenizer", help="tokenizer of tiny models (default: the default model's)"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="one torch.profiler run per system instead of the timed runs: the top operators",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # the workers are started without the flag and read it from here
     os.environ.setdefault("CORRAL_BENCH_LF_VENV", str(args.llamafactory_venv))
     workload = Workload(**{k: getattr(args, k) for k in asdict(Workload())})
     if args.worker:
-        print("RESULT " + json.dumps(WORKERS[args.worker.split("-")[0]](args.worker, workload)))
+        worker = WORKERS[args.worker.split("-")[0]]
+        result = profiled(worker, args.worker, workload) if args.profile else None
+        result = result or worker(args.worker, workload)
+        print("RESULT " + json.dumps(result))
         return
     if args.smoke:
         workload.model, workload.steps, workload.samples, workload.cutoff = "tiny", 2, 16, 128
@@ -108,6 +117,9 @@ def main() -> None:
         args.llamafactory_venv
     ):
         systems = [s for s in systems if not s.startswith("llamafactory")]
+    if args.profile:
+        profile_systems(workload, [s for s in systems if not s.startswith("llamafactory")])
+        return
     run_benchmark(workload, systems, args.repeats, not args.smoke, args.tokenizer)
 
 
@@ -118,6 +130,8 @@ def run_benchmark(
         workload.model = prepare_model(workload, Path(scratch), tokenizer)
         peak = matmul_peak_flops(workload.device, workload.dtype)
         print(f"matmul peak ({workload.device}, {workload.dtype}): {peak / 1e9:.1f} GFLOP/s")
+        allocator = (_environment("corral").get("LD_PRELOAD") or "").split(":")[0]
+        print(f"corral's allocator: {allocator or 'the system malloc'} (as corral train runs)")
         print(f"preprocessing of the whole {workload.dataset} file: {preprocessing(workload)}")
         if warm_up:
             for system in systems:  # fills the dataset cache and the OS page cache
@@ -130,12 +144,50 @@ def run_benchmark(
         report(workload, {s: _median(r) for s, r in results.items()}, peak)
 
 
-def run_worker(system: str, workload: Workload) -> dict:
+def _environment(system: str) -> dict[str, str]:
+    """corral's workers get the allocator `corral train` re-executes itself with (tcmalloc where
+    installed, unless CORRAL_ALLOCATOR=system); the others run as they come."""
+    from corral.utils.allocator import preload_environment
+
+    environment = preload_environment() if system.startswith("corral") else None
+    return environment or dict(os.environ)
+
+
+def profile_systems(workload: Workload, systems: list[str]) -> None:
+    """Each system once under torch.profiler (in its own process): its top operators."""
+    with tempfile.TemporaryDirectory(prefix="corral-bench-") as scratch:
+        workload.model = prepare_model(workload, Path(scratch), None)
+        for system in systems:
+            run_worker(system, Workload(**{**asdict(workload), "steps": 2}))  # warm the cache
+            result = run_worker(system, workload, "--profile")
+            print(f"\n{system}: {_brief(result)}\n{result['profile']}")
+
+
+def profiled(worker, system: str, workload: Workload) -> dict:
+    """Run `worker` under torch.profiler; its result gains the operator table (self time)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if workload.device != "cpu":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        result = worker(system, workload)
+    sort = "self_cpu_time_total" if workload.device == "cpu" else "self_cuda_time_total"
+    if workload.device != "cpu":
+        torch.cuda.synchronize()
+    result["profile"] = prof.key_averages().table(
+        sort_by=sort, row_limit=15, max_name_column_width=40
+    )
+    return result
+
+
+def run_worker(system: str, workload: Workload, *flags: str) -> dict:
     """One measurement in a fresh process; returns its RESULT line."""
-    command = [sys.executable, __file__, "--worker", system]
+    command = [sys.executable, __file__, "--worker", system, *flags]
     for name, value in asdict(workload).items():
         command += [f"--{name.replace('_', '-')}", str(value)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=_environment(system))
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         sys.exit(
@@ -319,7 +371,6 @@ def llamafactory_worker(system: str, workload: Workload) -> dict:
             "overwrite_output_dir": True,
             "report_to": "none",
             "bf16": workload.dtype == "bf16",
-            "include_num_input_tokens_seen": True,
         }
         if tuned:
             config.update(packing=True, neat_packing=True, disable_gradient_checkpointing=True)
@@ -327,12 +378,11 @@ def llamafactory_worker(system: str, workload: Workload) -> dict:
         path.write_text(yaml.safe_dump(config))
         started = time.perf_counter()
         env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "USE_MODELSCOPE_HUB": "0"}
+        python = Path(os.environ["CORRAL_BENCH_LF_VENV"]) / "bin" / "python"
+        runner = Path(__file__).with_name("llamafactory_run.py")  # llamafactory-cli + a count
+        counts = Path(out) / "counts.json"
         done = subprocess.run(
-            [
-                str(Path(os.environ["CORRAL_BENCH_LF_VENV"]) / "bin" / "llamafactory-cli"),
-                "train",
-                str(path),
-            ],
+            [str(python), str(runner), str(path), str(counts)],
             capture_output=True,
             text=True,
             env=env,
@@ -341,9 +391,12 @@ def llamafactory_worker(system: str, workload: Workload) -> dict:
         if done.returncode != 0:
             raise RuntimeError(f"llamafactory failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
         metrics = json.loads((Path(out) / "train_results.json").read_text())
+        seen = json.loads(counts.read_text())
+    if seen["steps"] != workload.steps:
+        raise RuntimeError(f"llamafactory ran {seen['steps']} steps, not {workload.steps}")
     seconds = metrics["train_runtime"]
     return {
-        "real_tokens": metrics.get("num_input_tokens_seen") or metrics["train_tokens_seen"],
+        "real_tokens": seen["real_tokens"],
         "trained_tokens": None,
         "samples": workload.steps * workload.batch,
         "seconds": seconds,
@@ -547,6 +600,7 @@ def _llamafactory_ready(venv: Path) -> bool:
     """Create `venv` with LLaMA-Factory from PyPI when it is missing."""
     cli = venv / "bin" / "llamafactory-cli"
     if cli.exists():
+        _torchaudio_stand_in(venv)
         return True
     print(f"installing LLaMA-Factory into {venv} (once) ...")
     pip = str(venv / "bin" / "pip")
@@ -563,7 +617,21 @@ def _llamafactory_ready(venv: Path) -> bool:
         if subprocess.run(step).returncode != 0:
             print(f"LLaMA-Factory could not be installed ({' '.join(step)} failed): skipped")
             return False
+    _torchaudio_stand_in(venv)
     return cli.exists()
+
+
+def _torchaudio_stand_in(venv: Path) -> None:
+    """LLaMA-Factory 0.9.5 imports torchaudio when it starts (data/mm_plugin.py), text training
+    never calls it, and no torchaudio wheel is built for the torch corral uses: a stand-in
+    module lets it start, and any use of audio fails loudly."""
+    [site] = venv.glob("lib/python*/site-packages")
+    (site / "torchaudio").mkdir(exist_ok=True)
+    (site / "torchaudio" / "__init__.py").write_text(
+        f'"""{_torchaudio_stand_in.__doc__}"""\n\n\n'
+        "def __getattr__(name):\n"
+        "    raise AttributeError(f'torchaudio.{name}: a stand-in written by corral benchmarks')\n"
+    )
 
 
 def _torch_version() -> str:
