@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 sys.path.insert(0, str(SRC))
-DEMO_DIR = ROOT.parent / "shared" / "data" / "llamafactory-demo"
+DEMO_DIR = ROOT / "data"  # LLaMA-Factory's demo datasets, shipped in the repository
 LF_VENV = ROOT / "benchmarks" / ".llamafactory-venv"
 SYSTEMS = (
     "corral-lora",

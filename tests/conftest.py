@@ -13,18 +13,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+DEMO_DIR = REPO / "data"  # LLaMA-Factory's demo datasets and registry, shipped in the repository
+LLAMA2_TOKENIZER = Path(__file__).parent / "data" / "llama2-tokenizer"  # Meta's tokenizer.model
 os.environ.setdefault("CORRAL_HOME", str(REPO / ".corral_home"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """`../shared` beside the repository; tests that need it skip with a reason when absent."""
-    if not SHARED.is_dir():
-        pytest.skip("../shared is not beside the repository")
-    return SHARED
+def demo_dir() -> Path:
+    """The repository's `data/` folder: LLaMA-Factory's demo datasets and `dataset_info.json`."""
+    return DEMO_DIR
 
 
 @pytest.fixture(scope="session")
@@ -79,24 +78,6 @@ def tiny_llama(tiny_llama_dir):
 
 
 @pytest.fixture(scope="session")
-def spm_tokenizer_model(tmp_path_factory) -> Path:
-    """A SentencePiece `tokenizer.model`: Llama 2's from ../shared when present, else a small
-    byte-fallback BPE model trained here (so SentencePiece tests never need the network)."""
-    real = SHARED / "data" / "llama2-tokenizer" / "tokenizer.model"
-    if real.is_file():
-        return real
-    import sentencepiece
-
-    folder = tmp_path_factory.mktemp("spm")
-    words = "the quick brown fox jumps over the lazy dog while Paris Rome and Berlin sleep"
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter([f"{words} {i} {words[::-1]}" for i in range(200)]),
-        model_prefix=str(folder / "tokenizer"),
-        vocab_size=400,
-        model_type="bpe",
-        byte_fallback=True,
-        bos_id=1,
-        eos_id=2,
-        unk_id=0,
-    )
-    return folder / "tokenizer.model"
+def spm_tokenizer_model() -> Path:
+    """Llama 2's SentencePiece `tokenizer.model` (shipped in tests/data)."""
+    return LLAMA2_TOKENIZER / "tokenizer.model"

@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_train_benchmark_smoke(default_model_dir, shared_dir):  # reads alpaca_en_demo
+def test_train_benchmark_smoke(default_model_dir):  # reads data/alpaca_en_demo.json
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "train.py"), "--smoke"],
         capture_output=True,

@@ -429,8 +429,8 @@ def test_folder_dataset_reads_supported_files_sorted(tmp_path):
     ]
 
 
-def test_alpaca_demo_reads_fast(shared_dir):
-    path = shared_dir / "data" / "llamafactory-demo" / "alpaca_en_demo.json"
+def test_alpaca_demo_reads_fast(demo_dir):
+    path = demo_dir / "alpaca_en_demo.json"
     start = time.perf_counter()
     data = load_records(DataConfig(dataset=[str(path)]), seed=0)
     elapsed = time.perf_counter() - start

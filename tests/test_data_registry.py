@@ -49,7 +49,7 @@ def two_datasets(tmp_path) -> Path:
     )
 
 
-# --- the shared LLaMA-Factory demo registry, as is ------------------------------------------
+# --- LLaMA-Factory's demo registry (data/), as is ------------------------------------------
 
 DEMO = {
     # name: (rows read, record kind)
@@ -65,8 +65,8 @@ DEMO = {
 
 
 @pytest.mark.parametrize("name", DEMO)
-def test_demo_registry_datasets_load_as_is(shared_dir, name):
-    data = load(shared_dir / "data" / "llamafactory-demo", dataset=[name])
+def test_demo_registry_datasets_load_as_is(demo_dir, name):
+    data = load(demo_dir, dataset=[name])
     read, kind = DEMO[name]
     (stats,) = data.stats
     assert (stats.read, stats.dropped, stats.used, stats.kind) == (read, {}, read, kind)
@@ -74,9 +74,9 @@ def test_demo_registry_datasets_load_as_is(shared_dir, name):
     assert all(r.source.startswith(f"{name}:") for r in data.train)
 
 
-def test_demo_contents_map_to_corral_roles(shared_dir):
+def test_demo_contents_map_to_corral_roles(demo_dir):
     data = load(
-        shared_dir / "data" / "llamafactory-demo",
+        demo_dir,
         dataset=["glaive_toolcall_en_demo", "dpo_en_demo", "identity"],
     )
     glaive, dpo, identity = data.train[:300], data.train[300:600], data.train[600:]
@@ -120,11 +120,11 @@ def test_hub_only_entry_explains_how_to_download(tmp_path):
     assert '"file_name": "alpaca_en"' in message
 
 
-def test_demo_registry_hub_entries_are_refused_clearly(shared_dir):
+def test_demo_registry_hub_entries_are_refused_clearly(demo_dir):
     with pytest.raises(DataError, match="'ultrachat_200k'.*lives on a hub"):
-        resolve_datasets(["ultrachat_200k"], shared_dir / "data" / "llamafactory-demo")
+        resolve_datasets(["ultrachat_200k"], demo_dir)
     with pytest.raises(DataError, match="maps images: corral trains on text only"):
-        resolve_datasets(["mllm_demo"], shared_dir / "data" / "llamafactory-demo")
+        resolve_datasets(["mllm_demo"], demo_dir)
 
 
 def test_missing_file_names_the_dataset_and_its_registry(tmp_path):

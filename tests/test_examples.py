@@ -30,10 +30,10 @@ def test_example_is_valid_and_fully_supported(path):
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_example_datasets_resolve(path, shared_dir, monkeypatch):
+def test_example_datasets_resolve(path, monkeypatch):
     from corral.data.registry import resolve_datasets
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # examples name ../shared from the root
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # examples name data/ from the root
     config = load_config(path)
     specs = resolve_datasets(config.data.dataset, config.data.dataset_dir)
     assert all(spec.path is not None and Path(spec.path).exists() for spec in specs)
@@ -50,7 +50,7 @@ def test_quickstart_example_is_the_packaged_config():
 @pytest.mark.parametrize(
     "path", [p for p in EXAMPLES if p.name != "quickstart.yaml"], ids=lambda p: p.name
 )
-def test_example_trains_from_the_command_line(path, shared_dir, default_model_dir, tmp_path):
+def test_example_trains_from_the_command_line(path, default_model_dir, tmp_path):
     """Each example runs as a user runs it (from the repository root), cut to a few steps."""
     import json
     import math

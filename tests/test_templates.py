@@ -20,6 +20,7 @@ from corral.data.templates import (
     stop_token_ids,
     template_names,
 )
+from conftest import LLAMA2_TOKENIZER
 from corral.utils.errors import CorralError
 
 SYS = "You are a geography tutor."
@@ -45,7 +46,7 @@ def word_tokenizer(bos: str | None, eos: str):
 
 
 @pytest.fixture(scope="module")
-def llama2_tokenizer(shared_dir):
+def llama2_tokenizer():
     """Meta's Llama 2 SentencePiece tokenizer (byte fallback, "▁" spaces): the tricky offsets.
 
     Set up as Meta's tokenizer_config.json does, adding <s> unless told not to, so a template
@@ -53,10 +54,7 @@ def llama2_tokenizer(shared_dir):
     """
     from transformers import AutoTokenizer
 
-    folder = shared_dir / "data" / "llama2-tokenizer"
-    if not (folder / "tokenizer.model").is_file():
-        pytest.skip(f"{folder}/tokenizer.model is not there")
-    return AutoTokenizer.from_pretrained(folder, add_bos_token=True)
+    return AutoTokenizer.from_pretrained(LLAMA2_TOKENIZER, add_bos_token=True)
 
 
 def ids(tokenizer, text: str) -> list[int]:
@@ -344,12 +342,12 @@ def test_sentencepiece_turns_split_on_reply_boundaries(llama2_tokenizer, name):
         seen += prompt + response
 
 
-def test_llama2_turns_are_metas_reference_tokens(llama2_tokenizer, shared_dir):
+def test_llama2_turns_are_metas_reference_tokens(llama2_tokenizer):
     """Meta's `chat_completion` encodes each exchange as <s> + SentencePiece("[INST] u [/INST]
     a ") + </s>, and the open turn as <s> + SentencePiece("[INST] u [/INST]")."""
     import sentencepiece
 
-    model = shared_dir / "data" / "llama2-tokenizer" / "tokenizer.model"
+    model = LLAMA2_TOKENIZER / "tokenizer.model"
     sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
     tok = llama2_tokenizer
     pairs = encode_turns(get_template("llama2", tok), tok, conversation(U1, A1, U2, A2))
