@@ -18,6 +18,26 @@ LLAMA2_TOKENIZER = Path(__file__).parent / "data" / "llama2-tokenizer"  # Meta's
 os.environ.setdefault("CORRAL_HOME", str(REPO / ".corral_home"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CI installs every extra and runs on Linux without a GPU, where no test has a reason to skip:
+# there a skip (a missing extra, a broken install) is a failure, never a quiet pass.
+SKIPS_FAIL = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _skip_as_failure(report) -> None:
+    if SKIPS_FAIL and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, where every test must run: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    _skip_as_failure((yield).get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    _skip_as_failure((yield).get_result())
 
 
 @pytest.fixture(scope="session")

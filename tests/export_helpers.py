@@ -72,13 +72,3 @@ def hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
             pad_token_id=0,
         )
     return out[0, len(prompt_ids) :].tolist()
-
-
-def llama_cpp_greedy(llm, prompt_ids: list[int], n: int) -> list[int]:
-    """`n` greedy tokens from llama.cpp for the same prompt ids (EOS does not stop it)."""
-    tokens = []
-    for token in llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
-        tokens.append(token)
-        if len(tokens) == n:
-            break
-    return tokens

@@ -14,7 +14,8 @@ from corral.config.fields import ModelConfig
 from corral.data.templates import encode_prompt, encode_turns, get_template
 from corral.export.export import export
 from corral.utils.errors import ExportError
-from export_helpers import CONVERSATIONS, hf_greedy, llama_cpp_greedy, train_adapter
+from export_helpers import CONVERSATIONS, hf_greedy, train_adapter
+from llama_cpp_child import llama_cpp_call
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity."]
 NEW_TOKENS = 32
@@ -168,21 +169,21 @@ def test_unsupported_architecture_is_named(tmp_path, smol_tokenizer):
 
 def _agreement(model, tokenizer, template, path: Path) -> tuple[list[int], list[float]]:
     """Per prompt: how many leading greedy tokens llama.cpp and transformers share, and at the
-    first difference how far (in transformers' logits) llama.cpp's pick is from the top one."""
-    from llama_cpp import Llama
-
-    llm = Llama(str(path), n_ctx=512, n_threads=2, verbose=False)
+    first difference how far (in transformers' logits) llama.cpp's pick is from the top one.
+    llama.cpp runs in a child process: a crash there fails this test, not the test run."""
+    prompts = [
+        encode_prompt(template, tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS
+    ]
+    theirs_all = llama_cpp_call(path, "greedy", prompts=prompts, n=NEW_TOKENS)
     shared, gaps = [], []
-    for prompt in PROMPTS:
-        ids = encode_prompt(template, tokenizer, [{"role": "user", "content": prompt}])
-        ours, theirs = hf_greedy(model, ids, NEW_TOKENS), llama_cpp_greedy(llm, ids, NEW_TOKENS)
+    for ids, theirs in zip(prompts, theirs_all, strict=True):
+        ours = hf_greedy(model, ids, NEW_TOKENS)
         same = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), None)
         shared.append(NEW_TOKENS if same is None else same)
         if same is not None:
             with torch.no_grad():
                 logits = model(torch.tensor([ids + ours[:same]])).logits[0, -1]
             gaps.append(float(logits.max() - logits[theirs[same]]))
-    llm.close()
     return shared, gaps
 
 
