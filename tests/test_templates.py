@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import LLAMA2_TOKENIZER
 from corral.data.templates import (
     Template,
     _token_starts,
@@ -20,7 +21,6 @@ from corral.data.templates import (
     stop_token_ids,
     template_names,
 )
-from conftest import LLAMA2_TOKENIZER
 from corral.utils.errors import CorralError
 
 SYS = "You are a geography tutor."
