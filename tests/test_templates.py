@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import LLAMA2_TOKENIZER
 from corral.data.templates import (
     Template,
-    _token_starts,
     encode_prompt,
     encode_turns,
     get_template,
@@ -20,7 +20,7 @@ from corral.data.templates import (
     stop_token_ids,
     template_names,
 )
-from conftest import LLAMA2_TOKENIZER
+from corral.data.templates.encoding import _token_starts
 from corral.utils.errors import CorralError
 
 SYS = "You are a geography tutor."

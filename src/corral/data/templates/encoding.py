@@ -1,0 +1,181 @@
+"""Rendering a conversation with a template, and encoding it for inference or training.
+
+Rendered text is always tokenized whole with `add_special_tokens=False` (templates write the
+BOS token themselves where the family has one), as llama.cpp, vLLM and `apply_chat_template`
+do, so the ids a model is trained on are the ids it is later served with.
+"""
+
+from __future__ import annotations
+
+import json
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Any
+
+from corral.data.templates.base import Template
+from corral.data.templates.families import template_names
+from corral.utils.errors import CorralError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+def render(
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool,
+    tools: list[dict] | str | None = None,
+    system: str | None = None,
+) -> str:
+    """The conversation as text, exactly as the model sees it.
+
+    Args:
+        template: from `get_template`.
+        tokenizer: supplies bos_token/eos_token to the template.
+        messages: OpenAI-style `{"role", "content"}` dicts, a system message (if any) first.
+            Extra keys are passed to the template (alpaca reads "instruction" and "input").
+        add_generation_prompt: end with the header that starts the assistant's next reply.
+        tools: tool definitions (a list, or its JSON text), passed to the template.
+        system: the system prompt used when `messages` has none; defaults to the template's.
+
+    Raises:
+        CorralError: the template cannot render this conversation (e.g. a role it has no
+            place for), or `tools` is not valid JSON.
+    """
+    from jinja2 import TemplateError
+
+    conversation = _with_system(messages, template.default_system if system is None else system)
+    if not conversation:
+        return ""  # apply_chat_template refuses an empty conversation
+    try:
+        return tokenizer.apply_chat_template(
+            conversation,
+            chat_template=template.jinja,
+            tools=_parse_tools(tools),
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+        )
+    except TemplateError as exc:
+        raise CorralError(
+            f"the '{template.name}' chat template cannot render this conversation: {exc}"
+        ) from exc
+
+
+def encode_prompt(
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    *,
+    tools: list[dict] | str | None = None,
+    system: str | None = None,
+) -> list[int]:
+    """The ids to feed the model so that it generates the next assistant reply.
+
+    The whole rendered text (with the generation prompt) is tokenized once, without adding
+    special tokens: the template writes them. Arguments are as for `render`.
+    """
+    text = render(
+        template, tokenizer, messages, add_generation_prompt=True, tools=tools, system=system
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_turns(
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    *,
+    tools: list[dict] | str | None = None,
+    system: str | None = None,
+) -> list[tuple[list[int], list[int]]]:
+    """The conversation's ids for training, as one (prompt_ids, response_ids) pair per reply.
+
+    Concatenating all pairs gives exactly the tokenization of the whole rendered conversation.
+    A reply's response_ids hold its content and whatever the template writes after it up to the
+    next turn (the end-of-turn or eos token, so the model learns to stop); tokens after the last
+    reply belong to the last response. A token straddling a prompt/reply boundary belongs to the
+    prompt. A conversation without assistant messages gives []. Arguments are as for `render`.
+
+    Raises:
+        CorralError: the tokenizer is not a fast one (offsets are needed), or the template is
+            not prefix-stable (rendering the first turns is not a prefix of rendering them all).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise CorralError(
+            f"training with a chat template needs a fast tokenizer (one with tokenizer.json); "
+            f"{type(tokenizer).__name__} cannot map tokens back to the text"
+        )
+    full, spans = _reply_spans(template, tokenizer, messages, tools=tools, system=system)
+    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoding["input_ids"]
+    starts = _token_starts(encoding["offset_mapping"])
+    pairs, done = [], 0
+    for k, (start, end) in enumerate(spans):
+        first = bisect_left(starts, start)  # first token starting inside the reply
+        stop = bisect_left(starts, end) if k + 1 < len(spans) else len(ids)
+        pairs.append((ids[done:first], ids[first:stop]))
+        done = stop
+    return pairs
+
+
+def _reply_spans(
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    *,
+    tools: list[dict] | str | None,
+    system: str | None,
+) -> tuple[str, list[tuple[int, int]]]:
+    """The whole rendered conversation and each assistant reply's [start, end) in it.
+
+    A reply runs from the end of the generation prompt before it to the end of the rendering
+    that stops after it, so it includes what the template writes after the content.
+    """
+    kwargs = {"tools": tools, "system": system}
+    full = render(template, tokenizer, messages, add_generation_prompt=False, **kwargs)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(template, tokenizer, messages[:i], add_generation_prompt=True, **kwargs)
+        upto = render(template, tokenizer, messages[: i + 1], add_generation_prompt=False, **kwargs)
+        after_previous = not spans or spans[-1][1] <= len(prompt)
+        if not (upto.startswith(prompt) and full.startswith(upto) and after_previous):
+            raise CorralError(
+                f"the '{template.name}' chat template is not prefix-stable: rendering the "
+                f"conversation up to message {i} (an assistant reply) is not the start of "
+                "rendering all of it (the template rewrites earlier turns), so it cannot be used "
+                f"for training; set template to one of: {', '.join(template_names())}"
+            )
+        spans.append((len(prompt), len(upto)))
+    return full, spans
+
+
+def _token_starts(offsets: list[tuple[int, int]]) -> list[int]:
+    """Where each token starts in the text, never decreasing (for bisect).
+
+    Tokenizers that trim offsets report "Ġword" as starting after its space; the space is still
+    part of that token, so a token starts no later than where the previous one ended.
+    """
+    starts: list[int] = []
+    end = 0
+    for token_start, token_end in offsets:
+        starts.append(max(min(token_start, end), starts[-1] if starts else 0))
+        end = max(end, token_end)
+    return starts
+
+
+def _with_system(messages: list[dict], system: str | None) -> list[dict]:
+    if system is None or (messages and messages[0]["role"] == "system"):
+        return list(messages)
+    return [{"role": "system", "content": system}, *messages]
+
+
+def _parse_tools(tools: list[dict] | str | None) -> Any:
+    if not isinstance(tools, str):
+        return tools
+    try:
+        return json.loads(tools)
+    except json.JSONDecodeError as exc:
+        raise CorralError(f"tools is not valid JSON ({exc}): {tools[:80]!r}") from exc
