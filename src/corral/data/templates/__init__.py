@@ -20,7 +20,7 @@ from corral.data.templates.choose import (
     stop_strings,
     stop_token_ids,
 )
-from corral.data.templates.encoding import encode_prompt, encode_turns, render
+from corral.data.templates.encoding import encode_prompt, encode_turns, render, tokenize
 from corral.data.templates.families import (
     ALPACA_INPUT_SYSTEM,
     ALPACA_SYSTEM,
@@ -44,4 +44,5 @@ __all__ = [
     "stop_strings",
     "stop_token_ids",
     "template_names",
+    "tokenize",
 ]

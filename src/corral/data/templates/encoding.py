@@ -1,14 +1,20 @@
 """Rendering a conversation with a template, and encoding it for inference or training.
 
-Rendered text is always tokenized whole with `add_special_tokens=False` (templates write the
-BOS token themselves where the family has one), as llama.cpp, vLLM and `apply_chat_template`
-do, so the ids a model is trained on are the ids it is later served with.
+Rendered text is tokenized with `add_special_tokens=False` (templates write the BOS token
+themselves where the family has one), and the BOS and EOS tokens a template writes become their
+ids directly, the text between them tokenized piece by piece, as Meta's `chat_completion` and
+LLaMA-Factory encode them. Tokenizing the whole text at once differs only for SentencePiece
+tokenizers with `legacy=False`, which glue the text after a special token to it ("<s>[INST]"
+gives "[" instead of "▁["). Training and inference share this path, so the ids a model is
+trained on are the ids it is later prompted with.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from bisect import bisect_left
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from corral.data.templates.base import Template
@@ -72,13 +78,13 @@ def encode_prompt(
 ) -> list[int]:
     """The ids to feed the model so that it generates the next assistant reply.
 
-    The whole rendered text (with the generation prompt) is tokenized once, without adding
+    The rendered text (with the generation prompt) is tokenized by `tokenize`, without adding
     special tokens: the template writes them. Arguments are as for `render`.
     """
     text = render(
         template, tokenizer, messages, add_generation_prompt=True, tools=tools, system=system
     )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenize(tokenizer, text)[0]
 
 
 def encode_turns(
@@ -91,7 +97,8 @@ def encode_turns(
 ) -> list[tuple[list[int], list[int]]]:
     """The conversation's ids for training, as one (prompt_ids, response_ids) pair per reply.
 
-    Concatenating all pairs gives exactly the tokenization of the whole rendered conversation.
+    Concatenating all pairs gives exactly the ids of the whole rendered conversation (as
+    `tokenize` gives them, and `encode_prompt` before each reply).
     A reply's response_ids hold its content and whatever the template writes after it up to the
     next turn (the end-of-turn or eos token, so the model learns to stop); tokens after the last
     reply belong to the last response. A token straddling a prompt/reply boundary belongs to the
@@ -101,22 +108,106 @@ def encode_turns(
         CorralError: the tokenizer is not a fast one (offsets are needed), or the template is
             not prefix-stable (rendering the first turns is not a prefix of rendering them all).
     """
+    encoded = _encode_spans(template, tokenizer, messages, tools=tools, system=system)
+    return [
+        (encoded.ids[done:first], encoded.ids[first:stop])
+        for done, first, stop in encoded.token_bounds()
+    ]
+
+
+@dataclass
+class _Encoded:
+    """A rendered conversation, its ids, where each token starts and each reply's span."""
+
+    text: str
+    ids: list[int]
+    starts: list[int]
+    spans: list[tuple[int, int]]
+
+    def token_bounds(self) -> list[tuple[int, int, int]]:
+        """Per reply: (first prompt token, first reply token, end of the reply) as ids indices.
+
+        A token straddling a prompt/reply boundary belongs to the prompt; tokens after the last
+        reply belong to it.
+        """
+        bounds, done = [], 0
+        for k, (start, end) in enumerate(self.spans):
+            first = bisect_left(self.starts, start)  # first token starting inside the reply
+            stop = bisect_left(self.starts, end) if k + 1 < len(self.spans) else len(self.ids)
+            bounds.append((done, first, stop))
+            done = stop
+        return bounds
+
+
+def _encode_spans(
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    *,
+    tools: list[dict] | str | None,
+    system: str | None,
+) -> _Encoded:
     if not getattr(tokenizer, "is_fast", False):
         raise CorralError(
             f"training with a chat template needs a fast tokenizer (one with tokenizer.json); "
             f"{type(tokenizer).__name__} cannot map tokens back to the text"
         )
     full, spans = _reply_spans(template, tokenizer, messages, tools=tools, system=system)
-    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoding["input_ids"]
-    starts = _token_starts(encoding["offset_mapping"])
-    pairs, done = [], 0
-    for k, (start, end) in enumerate(spans):
-        first = bisect_left(starts, start)  # first token starting inside the reply
-        stop = bisect_left(starts, end) if k + 1 < len(spans) else len(ids)
-        pairs.append((ids[done:first], ids[first:stop]))
-        done = stop
-    return pairs
+    ids, starts = tokenize(tokenizer, full, starts=True)
+    return _Encoded(full, ids, starts, spans)
+
+
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, text: str, *, starts: bool = False
+) -> tuple[list[int], list[int]]:
+    """Rendered text as ids, the BOS/EOS tokens written in it inserted as ids.
+
+    The text between those tokens is tokenized piece by piece without special tokens, so each
+    piece starts as the tokenizer starts a text (SentencePiece's "▁" prefix included, whatever
+    its `legacy` setting), as Meta's reference encoding and LLaMA-Factory do.
+
+    Args:
+        tokenizer: the model's tokenizer (fast, when `starts` is asked for).
+        text: what `render` returned.
+        starts: also return where each token starts in `text` (never decreasing).
+
+    Returns:
+        The ids, and the start offsets (empty unless `starts`).
+    """
+    specials = _bos_eos(tokenizer)
+    parts = re.split(f"({'|'.join(map(re.escape, specials))})", text) if specials else [text]
+    pieces = [p for k, p in enumerate(parts) if k % 2 == 0 and p]
+    encoded = (
+        tokenizer(pieces, add_special_tokens=False, return_offsets_mapping=starts)
+        if pieces
+        else {"input_ids": [], "offset_mapping": []}
+    )
+    ids: list[int] = []
+    offsets: list[int] = []
+    position, piece = 0, 0
+    for k, part in enumerate(parts):
+        if k % 2:
+            ids.append(specials[part])
+            offsets.append(position)
+        elif part:
+            ids += encoded["input_ids"][piece]
+            if starts:
+                offsets += [position + s for s in _token_starts(encoded["offset_mapping"][piece])]
+            piece += 1
+        position += len(part)
+    return ids, offsets
+
+
+def _bos_eos(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """The BOS and EOS tokens' text -> id, longest first (for the split pattern)."""
+    found = {}
+    for token, token_id in (
+        (tokenizer.bos_token, tokenizer.bos_token_id),
+        (tokenizer.eos_token, tokenizer.eos_token_id),
+    ):
+        if token and token_id is not None:
+            found[token] = token_id
+    return dict(sorted(found.items(), key=lambda item: -len(item[0])))
 
 
 def _reply_spans(
