@@ -129,10 +129,11 @@ EXPECTED = {
         f"{QWEN}<|im_start|>user\n{U1}<|im_end|>\n<|im_start|>assistant\n{A1}<|im_end|>\n"
         f"<|im_start|>user\n{U2}<|im_end|>\n<|im_start|>assistant\n",
     ),
-    "default": (
-        f"Human: {U1}\nAssistant:",
-        f"{SYS}\nHuman: {U1}\nAssistant:{A1}</s>\nHuman: {U2}\nAssistant:{A2}</s>\n",
-        f"Human: {U1}\nAssistant:{A1}</s>\nHuman: {U2}\nAssistant:",
+    "default": (  # LLaMA-Factory 0.9.5's
+        f"Human: {U1}</s>\nAssistant:",
+        f"System: {SYS}</s>\nHuman: {U1}</s>\nAssistant:{A1}</s>\n"
+        f"Human: {U2}</s>\nAssistant:{A2}</s>\n",
+        f"Human: {U1}</s>\nAssistant:{A1}</s>\nHuman: {U2}</s>\nAssistant:",
     ),
     "empty": (
         U1,
@@ -156,7 +157,7 @@ SINGLE_WITH_SYSTEM = {
     "mistral": f"<s>[INST] {SYS}\n\n{U1} [/INST]",
     "qwen": f"<|im_start|>system\n{SYS}<|im_end|>\n<|im_start|>user\n{U1}<|im_end|>\n"
     "<|im_start|>assistant\n",
-    "default": f"{SYS}\nHuman: {U1}\nAssistant:",
+    "default": f"System: {SYS}</s>\nHuman: {U1}</s>\nAssistant:",
     "empty": f"{SYS}{U1}",
 }
 

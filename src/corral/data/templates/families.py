@@ -182,16 +182,17 @@ _QWEN = (
     + _CHATML
 )
 
-# LLaMA-Factory's "default": "{system}\n", "Human: {user}\nAssistant:", "{reply}{eos}\n".
+# LLaMA-Factory's "default" (0.9.5): "System: {system}{eos}\n", "Human: {user}{eos}\nAssistant:",
+# "{reply}{eos}\n".
 _DEFAULT = (
     _TOKENS
     + _split_system()
     + r"""{%- if system %}
-    {{- system + '\n' }}
+    {{- 'System: ' + system + eos + '\n' }}
 {%- endif %}
 {%- for message in turns %}
     {%- if message['role'] == 'user' %}
-        {{- 'Human: ' + message['content'] + '\nAssistant:' }}
+        {{- 'Human: ' + message['content'] + eos + '\nAssistant:' }}
     {%- elif message['role'] == 'assistant' %}
         {{- message['content'] + eos + '\n' }}
 """
