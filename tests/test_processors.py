@@ -8,11 +8,14 @@ import json
 import pytest
 
 from corral.config import load_config
+from corral.config.fields import DataConfig
+from corral.data.loader import load_records
 from corral.data.processors import (
     IGNORE_INDEX,
     NO_REPLY,
     NO_TRAINABLE,
     SPLIT,
+    TOOL_CALLS,
     TRUNCATED,
     TRUNCATED_RESPONSE,
     DataStats,
@@ -25,7 +28,7 @@ from corral.data.processors import (
     processor_for,
 )
 from corral.data.records import Record
-from corral.data.templates import get_template
+from corral.data.templates import get_template, template_names
 from corral.utils.errors import DataError
 
 X = IGNORE_INDEX
@@ -278,3 +281,28 @@ def test_summary_names_the_counts(smol_tokenizer, chatml):
     assert f"{part.real_tokens:,} real tokens, {part.trained_tokens:,} trained" in text
     assert DataStats.from_json(stats.to_json()) == stats
     json.loads(stats.to_json())
+
+
+@pytest.mark.parametrize("name", [None, *template_names()])
+def test_tool_call_rows_are_refused_by_every_template(smol_tokenizer, demo_dir, name):
+    """Until a template can place tool calls, none may train them as other roles (chatml would
+    render "<|im_start|>function_call") or drop the tool definitions silently."""
+    spec = DataConfig(dataset_dir=str(demo_dir), dataset=["glaive_toolcall_en_demo"])
+    glaive = load_records(spec, seed=0).train
+    calls = Record(
+        [{"role": "user", "content": "2+3?"}, {"role": "function_call", "content": "{}"}]
+    )
+    calls.messages += [{"role": "tool", "content": "5"}, {"role": "assistant", "content": "5."}]
+    defined = _conversation("Hi", "Hello!")
+    defined.tools = '[{"name": "add"}]'
+    template = get_template(name, smol_tokenizer)
+
+    encoded = encode_conversations([*glaive, calls, defined], smol_tokenizer, template, _data())
+
+    assert {e.status for e in encoded} == {TOOL_CALLS}
+    assert sum(any(m["role"] == "function_call" for m in r.messages) for r in glaive) == 153
+    if name is None:
+        examples, stats = process_records(
+            glaive, _data(), smol_tokenizer, template, kind="conversation"
+        )
+        assert len(examples) == 0 and stats.dropped == {TOOL_CALLS: len(glaive)}

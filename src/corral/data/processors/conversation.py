@@ -5,7 +5,8 @@ trained (only the last with mask_history; prompts too with train_on_prompt). A c
 over cutoff_len first loses whole earliest exchanges (the rest is rendered again, so the system
 prompt and the template's opening stay), then its prompt is cut from the left, keeping the text
 nearest the reply, and only a reply that alone exceeds cutoff_len is cut from the right (it
-then has no end-of-turn token to learn).
+then has no end-of-turn token to learn). Records with tool calls or tool definitions are
+refused until a template can place them: no template may train them as something else.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from corral.data.processors.base import (
     IGNORE_INDEX,
     NO_REPLY,
     NO_TRAINABLE,
+    TOOL_CALLS,
     TRUNCATED,
     TRUNCATED_RESPONSE,
     Encoded,
@@ -25,6 +27,9 @@ from corral.data.processors.base import (
 from corral.data.records import Record
 from corral.data.templates import Template, encode_turns
 from corral.utils.errors import CorralError
+
+# The record roles of a tool call and its result (see corral.data.records).
+TOOL_ROLES = ("function_call", "tool")
 
 
 def encode_conversations(
@@ -38,6 +43,8 @@ def _encode_conversation(
     record: Record, tokenizer: Any, template: Template, data: DataConfig
 ) -> Encoded:
     messages = record.to_messages()
+    if record.tools or any(m["role"] in TOOL_ROLES for m in messages):
+        return Encoded(status=TOOL_CALLS)
     while messages and messages[-1]["role"] != "assistant":
         messages.pop()  # a trailing prompt has no reply to learn; encode_turns would train it
     try:
