@@ -27,6 +27,7 @@ from corral.data.processors import (
     process_records,
     processor_for,
 )
+from corral.data.processors.truncation import share_budget
 from corral.data.records import Record
 from corral.data.templates import get_template, template_names
 from corral.utils.errors import DataError
@@ -103,14 +104,17 @@ def test_train_on_prompt_trains_everything_but_the_first_token(smol_tokenizer, c
     assert trained == list(range(second_prompt, len(tokens)))  # the last turn, prompt included
 
 
-def test_a_long_prompt_is_cut_from_the_left_keeping_the_whole_reply(smol_tokenizer, chatml, ids):
+def test_a_long_prompt_keeps_its_start_and_header_and_the_whole_reply(smol_tokenizer, chatml, ids):
     question = " ".join(f"word{i}" for i in range(60))
     record = _conversation(question, "Short answer.")
     whole = ids(_user(question) + _reply("Short answer."))
+    head, header = ids("<|im_start|>user\n"), ids("<|im_end|>\n<|im_start|>assistant\n")
     reply = ids(_reply("Short answer."))
     encoded = _one([record], smol_tokenizer, chatml, "cutoff_len=24")
     assert encoded.status == TRUNCATED and encoded.tokens == len(whole)
-    assert encoded.input_ids == [whole[-24:]]  # the end of the prompt, nearest the reply
+    # The middle of the question goes: its start and the reply's header stay.
+    kept = ids(question)[: 24 - len(head) - len(header) - len(reply)]
+    assert encoded.input_ids == [head + kept + header + reply]
     assert encoded.labels == [[X] * (24 - len(reply)) + reply]
 
 
@@ -138,16 +142,25 @@ def test_earliest_exchanges_are_dropped_first_and_the_system_prompt_stays(
     assert shorter.input_ids == [only_last]
 
 
-def test_a_reply_longer_than_cutoff_is_cut_from_the_right(smol_tokenizer, chatml, ids):
+def test_a_reply_longer_than_cutoff_is_cut_from_the_right_and_learns_no_end(
+    smol_tokenizer, chatml, ids
+):
     answer = " ".join(f"token{i}" for i in range(40))
     record = _conversation("Count.", answer)
     prompt, reply = ids(_user("Count.")), ids(_reply(answer))
     encoded = _one([record], smol_tokenizer, chatml, "cutoff_len=16")
     assert encoded.status == TRUNCATED_RESPONSE
-    # One prompt token stays so the reply's first token is still a prediction target.
-    assert encoded.input_ids == [prompt[-1:] + reply[:15]]
-    assert encoded.labels == [[X] + reply[:15]]
-    assert smol_tokenizer.convert_tokens_to_ids("<|im_end|>") not in encoded.input_ids[0]
+    # The whole (short) prompt stays; the reply keeps its start.
+    assert encoded.input_ids == [prompt + reply[: 16 - len(prompt)]]
+    assert encoded.labels == [[X] * len(prompt) + reply[: 16 - len(prompt)]]
+    assert smol_tokenizer.convert_tokens_to_ids("<|im_end|>") not in encoded.labels[0]
+
+
+def test_the_budget_is_shared_as_llama_factory_shares_it():
+    assert share_budget(100, 20, 64) == (44, 20)  # a short reply keeps its length
+    assert share_budget(20, 100, 64) == (20, 44)  # a short prompt keeps its length
+    assert share_budget(100, 300, 64) == (16, 48)  # else in proportion
+    assert share_budget(10, 10, 64) == (10, 10)
 
 
 def test_examples_without_a_trainable_token_are_dropped_and_counted(smol_tokenizer, chatml):
@@ -277,7 +290,10 @@ def test_summary_names_the_counts(smol_tokenizer, chatml):
     )
     assert "train: 3 records -> 2 examples -> 2 rows" in text
     assert f"dropped 1: {NO_REPLY} (first: demo:9)" in text
-    assert "1 records truncated to cutoff_len, 1 of them in the reply" in text
+    assert (
+        "1 records truncated to cutoff_len, 1 of them in the reply (no end-of-turn token trained)"
+        in text
+    )
     assert f"{part.real_tokens:,} real tokens, {part.trained_tokens:,} trained" in text
     assert DataStats.from_json(stats.to_json()) == stats
     json.loads(stats.to_json())

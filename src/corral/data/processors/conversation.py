@@ -2,11 +2,10 @@
 
 `encode_turns` renders the conversation with the chat template; every assistant reply is
 trained (only the last with mask_history; prompts too with train_on_prompt). A conversation
-over cutoff_len first loses whole earliest exchanges (the rest is rendered again, so the system
-prompt and the template's opening stay), then its prompt is cut from the left, keeping the text
-nearest the reply, and only a reply that alone exceeds cutoff_len is cut from the right (it
-then has no end-of-turn token to learn). Records with tool calls or tool definitions are
-refused until a template can place them: no template may train them as something else.
+over cutoff_len is fitted by `truncation.fit_to_cutoff`: earliest exchanges go first, then the
+last exchange's prompt and reply share the budget, the prompt keeping its opening, the start of
+the instruction and the reply's header. Records with tool calls are refused until a template
+can place them (no template may train them as something else).
 """
 
 from __future__ import annotations
@@ -19,11 +18,10 @@ from corral.data.processors.base import (
     NO_REPLY,
     NO_TRAINABLE,
     TOOL_CALLS,
-    TRUNCATED,
-    TRUNCATED_RESPONSE,
     Encoded,
     first_unlabelled,
 )
+from corral.data.processors.truncation import fit_to_cutoff, total
 from corral.data.records import Record
 from corral.data.templates import Template, encode_turns
 from corral.utils.errors import CorralError
@@ -51,11 +49,10 @@ def _encode_conversation(
         turns = encode_turns(template, tokenizer, messages, tools=record.tools)
         if not turns:
             return Encoded(status=NO_REPLY)
-        tokens = _total(turns)
+        tokens = total(turns)
         status = ""
         if tokens > data.cutoff_len:
-            turns = _drop_earliest_turns(turns, messages, record, tokenizer, template, data)
-            turns, status = _truncate_last_turn(turns, data.cutoff_len)
+            turns, status = fit_to_cutoff(turns, messages, record, tokenizer, template, data)
     except CorralError as exc:
         return Encoded(status=str(exc))
     ids, labels = label_turns(
@@ -84,53 +81,3 @@ def label_turns(
         labels += prompt if trained and train_on_prompt else [IGNORE_INDEX] * len(prompt)
         labels += response if trained else [IGNORE_INDEX] * len(response)
     return ids, first_unlabelled(labels)
-
-
-def _total(turns: list[tuple[list[int], list[int]]]) -> int:
-    return sum(len(prompt) + len(response) for prompt, response in turns)
-
-
-def _drop_earliest_turns(
-    turns: list[tuple[list[int], list[int]]],
-    messages: list[dict],
-    record: Record,
-    tokenizer: Any,
-    template: Template,
-    data: DataConfig,
-) -> list[tuple[list[int], list[int]]]:
-    """Drop whole earliest exchanges while more than one remains and the total is too long.
-
-    The remaining messages are rendered again (with the system prompt), so the template's
-    opening (BOS, system block) stays in front of the first kept exchange.
-    """
-    reply_ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
-    head = messages[:1] if messages and messages[0]["role"] == "system" else []
-    dropped = 0
-    while len(turns) > 1 and _total(turns) > data.cutoff_len:
-        # Guess how many to drop from the token counts; the loop re-checks the rendering.
-        excess, n = _total(turns) - data.cutoff_len, 0
-        while n < len(turns) - 1 and excess > 0:
-            excess -= len(turns[n][0]) + len(turns[n][1])
-            n += 1
-        dropped += n
-        kept = head + messages[reply_ends[dropped - 1] :]
-        turns = encode_turns(template, tokenizer, kept, tools=record.tools)
-    return turns
-
-
-def _truncate_last_turn(
-    turns: list[tuple[list[int], list[int]]], cutoff_len: int
-) -> tuple[list[tuple[list[int], list[int]]], str]:
-    """Fit a conversation already reduced to what `_drop_earliest_turns` leaves.
-
-    A single remaining turn keeps its whole reply when it fits in cutoff_len - 1 (at least one
-    prompt token before it, so the reply's first token is a prediction target); its prompt is
-    cut from the left. A longer reply is cut from the right.
-    """
-    if _total(turns) <= cutoff_len:
-        return turns, TRUNCATED
-    [(prompt, response)] = turns
-    keep_response = min(len(response), cutoff_len - (1 if prompt else 0))
-    keep_prompt = min(len(prompt), cutoff_len - keep_response)
-    status = TRUNCATED_RESPONSE if keep_response < len(response) else TRUNCATED
-    return [(prompt[len(prompt) - keep_prompt :], response[:keep_response])], status

@@ -89,7 +89,11 @@ def _describe_part(p: PartStats, stats: DataStats) -> list[str]:
         lines.append(f"  dropped {n}: {reason} (first: {p.first_dropped[reason]})")
     if p.truncated:
         what = "split into cutoff_len pieces" if stats.kind == "lm" else "truncated to cutoff_len"
-        replies = f", {p.truncated_responses} of them in the reply" if p.truncated_responses else ""
+        replies = (
+            f", {p.truncated_responses} of them in the reply (no end-of-turn token trained)"
+            if p.truncated_responses
+            else ""
+        )
         lines.append(f"  {p.truncated} records {what}{replies}")
     if p.length:
         lengths = ", ".join(f"{k} {v}" for k, v in p.length.items())

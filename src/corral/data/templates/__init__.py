@@ -20,7 +20,13 @@ from corral.data.templates.choose import (
     stop_strings,
     stop_token_ids,
 )
-from corral.data.templates.encoding import encode_prompt, encode_turns, render, tokenize
+from corral.data.templates.encoding import (
+    encode_prompt,
+    encode_turns,
+    last_prompt_layout,
+    render,
+    tokenize,
+)
 from corral.data.templates.families import (
     ALPACA_INPUT_SYSTEM,
     ALPACA_SYSTEM,
@@ -40,6 +46,7 @@ __all__ = [
     "encode_prompt",
     "encode_turns",
     "get_template",
+    "last_prompt_layout",
     "render",
     "stop_strings",
     "stop_token_ids",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -113,6 +113,60 @@ def encode_turns(
         (encoded.ids[done:first], encoded.ids[first:stop])
         for done, first, stop in encoded.token_bounds()
     ]
+
+
+# Stands for the user's text when probing what a template writes after it; the private-use
+# characters survive `trim` and never occur in real text.
+_PROBE = "\ue000corral\ue000"
+
+
+def last_prompt_layout(
+    template: Template,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    *,
+    tools: list[dict] | str | None = None,
+    system: str | None = None,
+) -> tuple[int, int]:
+    """Where the user's text lies in the last reply's prompt ids (as `encode_turns` gives them).
+
+    Truncation keeps the start of the user's text and what surrounds it: before it, the
+    template's opening, the system prompt and the user header; after it, the header that starts
+    the reply (e.g. "<|im_end|>\n<|im_start|>assistant\n"). Arguments are as for `render`.
+
+    Returns:
+        (start, end): prompt_ids[:start] comes before the text of the last user message,
+        prompt_ids[end:] is what the template writes after it. When the text cannot be found
+        in the rendering, start is 0; when the header cannot, end is len(prompt_ids).
+    """
+    encoded = _encode_spans(template, tokenizer, messages, tools=tools, system=system)
+    if not encoded.spans:
+        return 0, 0
+    done, first, _ = encoded.token_bounds()[-1]
+    prompt_start = encoded.spans[-2][1] if len(encoded.spans) > 1 else 0
+    reply_start = encoded.spans[-1][0]
+    users = [m for m in messages if m["role"] == "user"]
+    needle = users[-1]["content"].strip().split("\n", 1)[0] if users else ""
+    text_at = encoded.text.find(needle, prompt_start, reply_start) if needle else -1
+    probe = render(
+        template,
+        tokenizer,
+        [{"role": "user", "content": _PROBE}],
+        add_generation_prompt=True,
+        tools=tools,
+        system=system,
+    )
+    header = probe[probe.rfind(_PROBE) + len(_PROBE) :] if _PROBE in probe else ""
+    header_at = reply_start - len(header)
+    if not encoded.text.startswith(header, header_at) or header_at < max(text_at, prompt_start):
+        header_at = reply_start
+    start = max(bisect_left(encoded.starts, text_at), done) if text_at >= 0 else done
+    # The token holding the header's first character, so a merged token keeps the header whole.
+    holder = bisect_right(encoded.starts, header_at) - 1
+    end = bisect_left(encoded.starts, encoded.starts[holder]) if holder >= 0 else 0
+    end = first if header_at == reply_start else end
+    end = min(max(end, start, done), first)
+    return min(start, end) - done, end - done
 
 
 @dataclass
