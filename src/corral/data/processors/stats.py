@@ -51,6 +51,7 @@ class DataStats:
     packing: bool
     datasets: list[dict[str, Any]] = field(default_factory=list)
     parts: list[PartStats] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # where corral differs from LLaMA-Factory
 
     def to_json(self) -> str:
         """The stats as JSON text."""
@@ -79,6 +80,7 @@ def format_summary(stats: DataStats) -> str:
         )
     for p in stats.parts:
         lines.extend(_describe_part(p, stats))
+    lines.extend(f"note: {note}" for note in stats.notes)
     return "\n".join(lines)
 
 
