@@ -24,6 +24,7 @@ from corral.data.templates.encoding import (
     encode_prompt,
     encode_turns,
     last_prompt_layout,
+    prefix_every_piece,
     render,
     tokenize,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "encode_turns",
     "get_template",
     "last_prompt_layout",
+    "prefix_every_piece",
     "render",
     "stop_strings",
     "stop_token_ids",

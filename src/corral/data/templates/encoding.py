@@ -252,6 +252,30 @@ def tokenize(
     return ids, offsets
 
 
+def prefix_every_piece(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make a SentencePiece tokenizer prefix "▁" to every text piece, as `tokenize` does.
+
+    A `legacy=False` tokenizer prefixes only the start of a text, so its own
+    `apply_chat_template` would give "<s>", "[" where training gave Meta's "<s>", "▁[". Called
+    on the tokenizer a run saves, so its chat template, exports and plain transformers give the
+    ids it was trained on; export calls it again before saving. Other tokenizers are left as
+    they are.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    scheme = getattr(pre, "prepend_scheme", None)
+    if scheme not in ("first", "always"):
+        return
+    if scheme == "first":
+        pre.prepend_scheme = "always"
+        backend.pre_tokenizer = pre  # the backend holds a copy
+    # transformers rebuilds the pre-tokenizer from `legacy` when the tokenizer is loaded again,
+    # and does not keep a loaded `legacy` for the next save
+    tokenizer.init_kwargs["legacy"] = True
+    if hasattr(tokenizer, "legacy"):
+        tokenizer.legacy = True
+
+
 def _bos_eos(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     """The BOS and EOS tokens' text -> id, longest first (for the split pattern)."""
     found = {}
