@@ -121,3 +121,25 @@ def test_nothing_left_after_truncation_is_an_error_that_says_why(home, alpaca_fi
     assert "5 no trainable token after truncation (first at" in message
     assert "cutoff_len is 1" in message and "raise it" in message
     assert not [p for p in cache_root().iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
+def test_summary_notes_where_corral_differs_from_llama_factory(
+    home, tmp_path, alpaca_file, smol_tokenizer
+):
+    from corral.data.dataset import ALPACA_INPUT_NOTE, LM_BLOCKS_NOTE
+    from corral.data.processors import format_summary
+
+    with_input = tmp_path / "translate.json"
+    rows = [{"instruction": "Translate.", "input": "Bonjour", "output": "Hello"}]
+    with_input.write_text(json.dumps(rows))
+
+    built = _build(smol_tokenizer, with_input, template="alpaca")
+    assert built.stats.notes == [ALPACA_INPUT_NOTE]
+    assert f"note: {ALPACA_INPUT_NOTE}" in format_summary(built.stats)
+    again = _build(smol_tokenizer, with_input, template="alpaca")  # from the cache
+    assert again.stats.notes == [ALPACA_INPUT_NOTE]
+    assert _build(smol_tokenizer, alpaca_file, template="alpaca").stats.notes == []  # no inputs
+    assert _build(smol_tokenizer, with_input, template="chatml").stats.notes == []
+    pt = _build(smol_tokenizer, alpaca_file, "packing=false", kind="lm")
+    assert pt.stats.notes == [LM_BLOCKS_NOTE]
+    assert _build(smol_tokenizer, alpaca_file, "packing=true", kind="lm").stats.notes == []

@@ -8,11 +8,14 @@ import json
 import pytest
 
 from corral.config import load_config
+from corral.config.fields import DataConfig
+from corral.data.loader import load_records
 from corral.data.processors import (
     IGNORE_INDEX,
     NO_REPLY,
     NO_TRAINABLE,
     SPLIT,
+    TOOL_CALLS,
     TRUNCATED,
     TRUNCATED_RESPONSE,
     DataStats,
@@ -24,8 +27,9 @@ from corral.data.processors import (
     process_records,
     processor_for,
 )
+from corral.data.processors.truncation import share_budget
 from corral.data.records import Record
-from corral.data.templates import get_template
+from corral.data.templates import get_template, template_names
 from corral.utils.errors import DataError
 
 X = IGNORE_INDEX
@@ -100,14 +104,17 @@ def test_train_on_prompt_trains_everything_but_the_first_token(smol_tokenizer, c
     assert trained == list(range(second_prompt, len(tokens)))  # the last turn, prompt included
 
 
-def test_a_long_prompt_is_cut_from_the_left_keeping_the_whole_reply(smol_tokenizer, chatml, ids):
+def test_a_long_prompt_keeps_its_start_and_header_and_the_whole_reply(smol_tokenizer, chatml, ids):
     question = " ".join(f"word{i}" for i in range(60))
     record = _conversation(question, "Short answer.")
     whole = ids(_user(question) + _reply("Short answer."))
+    head, header = ids("<|im_start|>user\n"), ids("<|im_end|>\n<|im_start|>assistant\n")
     reply = ids(_reply("Short answer."))
     encoded = _one([record], smol_tokenizer, chatml, "cutoff_len=24")
     assert encoded.status == TRUNCATED and encoded.tokens == len(whole)
-    assert encoded.input_ids == [whole[-24:]]  # the end of the prompt, nearest the reply
+    # The middle of the question goes: its start and the reply's header stay.
+    kept = ids(question)[: 24 - len(head) - len(header) - len(reply)]
+    assert encoded.input_ids == [head + kept + header + reply]
     assert encoded.labels == [[X] * (24 - len(reply)) + reply]
 
 
@@ -135,16 +142,25 @@ def test_earliest_exchanges_are_dropped_first_and_the_system_prompt_stays(
     assert shorter.input_ids == [only_last]
 
 
-def test_a_reply_longer_than_cutoff_is_cut_from_the_right(smol_tokenizer, chatml, ids):
+def test_a_reply_longer_than_cutoff_is_cut_from_the_right_and_learns_no_end(
+    smol_tokenizer, chatml, ids
+):
     answer = " ".join(f"token{i}" for i in range(40))
     record = _conversation("Count.", answer)
     prompt, reply = ids(_user("Count.")), ids(_reply(answer))
     encoded = _one([record], smol_tokenizer, chatml, "cutoff_len=16")
     assert encoded.status == TRUNCATED_RESPONSE
-    # One prompt token stays so the reply's first token is still a prediction target.
-    assert encoded.input_ids == [prompt[-1:] + reply[:15]]
-    assert encoded.labels == [[X] + reply[:15]]
-    assert smol_tokenizer.convert_tokens_to_ids("<|im_end|>") not in encoded.input_ids[0]
+    # The whole (short) prompt stays; the reply keeps its start.
+    assert encoded.input_ids == [prompt + reply[: 16 - len(prompt)]]
+    assert encoded.labels == [[X] * len(prompt) + reply[: 16 - len(prompt)]]
+    assert smol_tokenizer.convert_tokens_to_ids("<|im_end|>") not in encoded.labels[0]
+
+
+def test_the_budget_is_shared_as_llama_factory_shares_it():
+    assert share_budget(100, 20, 64) == (44, 20)  # a short reply keeps its length
+    assert share_budget(20, 100, 64) == (20, 44)  # a short prompt keeps its length
+    assert share_budget(100, 300, 64) == (16, 48)  # else in proportion
+    assert share_budget(10, 10, 64) == (10, 10)
 
 
 def test_examples_without_a_trainable_token_are_dropped_and_counted(smol_tokenizer, chatml):
@@ -274,7 +290,35 @@ def test_summary_names_the_counts(smol_tokenizer, chatml):
     )
     assert "train: 3 records -> 2 examples -> 2 rows" in text
     assert f"dropped 1: {NO_REPLY} (first: demo:9)" in text
-    assert "1 records truncated to cutoff_len, 1 of them in the reply" in text
+    assert (
+        "1 records truncated to cutoff_len, 1 of them in the reply (no end-of-turn token trained)"
+        in text
+    )
     assert f"{part.real_tokens:,} real tokens, {part.trained_tokens:,} trained" in text
     assert DataStats.from_json(stats.to_json()) == stats
     json.loads(stats.to_json())
+
+
+@pytest.mark.parametrize("name", [None, *template_names()])
+def test_tool_call_rows_are_refused_by_every_template(smol_tokenizer, demo_dir, name):
+    """Until a template can place tool calls, none may train them as other roles (chatml would
+    render "<|im_start|>function_call") or drop the tool definitions silently."""
+    spec = DataConfig(dataset_dir=str(demo_dir), dataset=["glaive_toolcall_en_demo"])
+    glaive = load_records(spec, seed=0).train
+    calls = Record(
+        [{"role": "user", "content": "2+3?"}, {"role": "function_call", "content": "{}"}]
+    )
+    calls.messages += [{"role": "tool", "content": "5"}, {"role": "assistant", "content": "5."}]
+    defined = _conversation("Hi", "Hello!")
+    defined.tools = '[{"name": "add"}]'
+    template = get_template(name, smol_tokenizer)
+
+    encoded = encode_conversations([*glaive, calls, defined], smol_tokenizer, template, _data())
+
+    assert {e.status for e in encoded} == {TOOL_CALLS}
+    assert sum(any(m["role"] == "function_call" for m in r.messages) for r in glaive) == 153
+    if name is None:
+        examples, stats = process_records(
+            glaive, _data(), smol_tokenizer, template, kind="conversation"
+        )
+        assert len(examples) == 0 and stats.dropped == {TOOL_CALLS: len(glaive)}

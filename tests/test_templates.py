@@ -12,7 +12,6 @@ import pytest
 from conftest import LLAMA2_TOKENIZER
 from corral.data.templates import (
     Template,
-    _token_starts,
     encode_prompt,
     encode_turns,
     get_template,
@@ -21,6 +20,7 @@ from corral.data.templates import (
     stop_token_ids,
     template_names,
 )
+from corral.data.templates.encoding import _token_starts
 from corral.utils.errors import CorralError
 
 SYS = "You are a geography tutor."
@@ -129,10 +129,11 @@ EXPECTED = {
         f"{QWEN}<|im_start|>user\n{U1}<|im_end|>\n<|im_start|>assistant\n{A1}<|im_end|>\n"
         f"<|im_start|>user\n{U2}<|im_end|>\n<|im_start|>assistant\n",
     ),
-    "default": (
-        f"Human: {U1}\nAssistant:",
-        f"{SYS}\nHuman: {U1}\nAssistant:{A1}</s>\nHuman: {U2}\nAssistant:{A2}</s>\n",
-        f"Human: {U1}\nAssistant:{A1}</s>\nHuman: {U2}\nAssistant:",
+    "default": (  # LLaMA-Factory 0.9.5's
+        f"Human: {U1}</s>\nAssistant:",
+        f"System: {SYS}</s>\nHuman: {U1}</s>\nAssistant:{A1}</s>\n"
+        f"Human: {U2}</s>\nAssistant:{A2}</s>\n",
+        f"Human: {U1}</s>\nAssistant:{A1}</s>\nHuman: {U2}</s>\nAssistant:",
     ),
     "empty": (
         U1,
@@ -156,7 +157,7 @@ SINGLE_WITH_SYSTEM = {
     "mistral": f"<s>[INST] {SYS}\n\n{U1} [/INST]",
     "qwen": f"<|im_start|>system\n{SYS}<|im_end|>\n<|im_start|>user\n{U1}<|im_end|>\n"
     "<|im_start|>assistant\n",
-    "default": f"{SYS}\nHuman: {U1}\nAssistant:",
+    "default": f"System: {SYS}</s>\nHuman: {U1}</s>\nAssistant:",
     "empty": f"{SYS}{U1}",
 }
 
@@ -320,6 +321,88 @@ def test_own_template_prompt_equals_apply_chat_template(smol_tokenizer, system, 
     assert encode_prompt(get_template(None, tok), tok, messages) == reference
 
 
+# The published chat templates, as their models ship them (Qwen2.5's without its tools branch).
+CHATML_REFERENCE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+QWEN25_REFERENCE = """\
+{%- if messages[0]['role'] == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+{%- else %}
+    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful \
+assistant.<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or \
+(message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+LLAMA3_REFERENCE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | "
+    "trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def llama3_style_tokenizer(default_model_dir):
+    """SmolLM2's tokenizer with Llama 3's special tokens, BOS and end of turn."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    tok.add_special_tokens(
+        {
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|eot_id|>",
+            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"],
+        }
+    )
+    return tok
+
+
+def reference_ids(tok, messages: list[dict], jinja: str | None, generation: bool) -> list[int]:
+    encoded = tok.apply_chat_template(
+        messages, chat_template=jinja, add_generation_prompt=generation, tokenize=True
+    )
+    return encoded if isinstance(encoded, list) else encoded["input_ids"]  # transformers 5
+
+
+@pytest.mark.parametrize(
+    ("name", "jinja"),
+    [
+        ("chatml", CHATML_REFERENCE),
+        ("qwen", QWEN25_REFERENCE),
+        ("llama3", LLAMA3_REFERENCE),
+        (None, None),  # the default model's own template
+    ],
+)
+@pytest.mark.parametrize("system", [None, SYS])
+def test_turns_and_prompts_equal_the_models_own_chat_template(
+    smol_tokenizer, llama3_style_tokenizer, name, jinja, system
+):
+    tok = llama3_style_tokenizer if name == "llama3" else smol_tokenizer
+    template = get_template(name, tok)
+    messages = conversation(U1, A1, U2, A2, "Thanks!", "You're welcome.", system=system)
+
+    pairs = encode_turns(template, tok, messages)
+
+    whole = reference_ids(tok, messages, jinja, generation=False)
+    assert [i for prompt, response in pairs for i in prompt + response] == whole
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            reference = reference_ids(tok, messages[:i], jinja, generation=True)
+            assert encode_prompt(template, tok, messages[:i]) == reference
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_sentencepiece_turns_split_on_reply_boundaries(llama2_tokenizer, name):
     tok = llama2_tokenizer
@@ -342,22 +425,47 @@ def test_sentencepiece_turns_split_on_reply_boundaries(llama2_tokenizer, name):
         seen += prompt + response
 
 
-def test_llama2_turns_are_metas_reference_tokens(llama2_tokenizer):
-    """Meta's `chat_completion` encodes each exchange as <s> + SentencePiece("[INST] u [/INST]
-    a ") + </s>, and the open turn as <s> + SentencePiece("[INST] u [/INST]")."""
+def metas_chat_encoding(sp, contents: list[str], system: str | None = None) -> list[list[int]]:
+    """Meta's `chat_completion` (llama/generation.py): the system prompt merged into the first
+    user message, each exchange <s> + SentencePiece("[INST] u [/INST] a ") + </s>, an open
+    user turn <s> + SentencePiece("[INST] u [/INST]")."""
+    contents = list(contents)
+    if system:
+        contents[0] = f"<<SYS>>\n{system}\n<</SYS>>\n\n{contents[0]}"
+    pieces = [
+        [sp.bos_id(), *sp.encode(f"[INST] {user.strip()} [/INST] {answer.strip()} "), sp.eos_id()]
+        for user, answer in zip(contents[::2], contents[1::2], strict=False)
+    ]
+    if len(contents) % 2:
+        pieces.append([sp.bos_id(), *sp.encode(f"[INST] {contents[-1].strip()} [/INST]")])
+    return pieces
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("system", [None, SYS])
+def test_llama2_turns_are_metas_reference_tokens(legacy, system):
     import sentencepiece
+    from transformers import AutoTokenizer
 
-    model = LLAMA2_TOKENIZER / "tokenizer.model"
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
-    tok = llama2_tokenizer
-    pairs = encode_turns(get_template("llama2", tok), tok, conversation(U1, A1, U2, A2))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(LLAMA2_TOKENIZER / "tokenizer.model"))
+    tok = AutoTokenizer.from_pretrained(LLAMA2_TOKENIZER, add_bos_token=True, legacy=legacy)
+    # The setting is real: tokenized whole, legacy=False glues the text after <s> to it.
+    glued = tok.convert_ids_to_tokens(ids(tok, "<s>[INST]"))
+    assert glued == ["<s>", "▁[" if legacy else "[", "INST", "]"]
+    template = get_template("llama2", tok)
 
-    for (prompt, response), (user, reply) in zip(pairs, [(U1, A1), (U2, A2)], strict=True):
-        exchange = sp.encode(f"[INST] {user} [/INST] {reply} ")
-        assert prompt + response == [sp.bos_id(), *exchange, sp.eos_id()]  # </s>: trained
+    pairs = encode_turns(template, tok, conversation(U1, A1, U2, A2, system=system))
+
+    reference = metas_chat_encoding(sp, [U1, A1, U2, A2], system)
+    assert [prompt + response for prompt, response in pairs] == reference  # </s>: trained
+    for prompt, _ in pairs:
         assert tok.convert_ids_to_tokens(prompt)[-4:] == ["▁[", "/", "INST", "]"]
     assert tok.convert_ids_to_tokens(pairs[1][1]) == ["▁Rome", ".", "▁", "</s>"]
-    prompt = encode_prompt(get_template("llama2", tok), tok, conversation(U1))
+    follow_up = encode_prompt(template, tok, conversation(U1, A1, U2, system=system))
+    assert follow_up == [
+        i for piece in metas_chat_encoding(sp, [U1, A1, U2], system) for i in piece
+    ]
+    prompt = encode_prompt(template, tok, conversation(U1))
     assert prompt == [sp.bos_id(), *sp.encode(f"[INST] {U1} [/INST]")]  # one <s>, not two
 
 

@@ -31,7 +31,7 @@ from corral.data.templates import Template
 from corral.utils.paths import corral_home
 
 # Bump when processors, packing or the stored layout change what a key's files hold.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # Settings that change how fast the cache is built, not what it holds.
 _NOT_IN_KEY = ("preprocessing_num_workers", "overwrite_cache")
 _STATS_FILE = "stats.json"

@@ -73,6 +73,7 @@ def build_dataset(
         cutoff_len=data.cutoff_len,
         packing=bool(data.packing),
         datasets=[dataclasses.asdict(s) for s in loaded.stats],
+        notes=differences_from_llama_factory(loaded.train, data, template, kind),
     )
     train = _tokenise(loaded.train, "train", data, tokenizer, template, kind, stats)
     evaluation = None
@@ -85,6 +86,33 @@ def build_dataset(
     )
     train, evaluation, stats = load_cached(key)  # memory-mapped: cheap to share with workers
     return ProcessedData(train, evaluation, stats, loaded=loaded)
+
+
+# Deliberate differences from LLaMA-Factory 0.9.5 a configuration can meet (README: "Coming
+# from LLaMA-Factory"), printed once in the dataset summary.
+ALPACA_INPUT_NOTE = (
+    "template alpaca writes Stanford Alpaca's '### Input:' section for rows with an input "
+    "(LLaMA-Factory's alpaca template writes instruction and input joined by a newline)"
+)
+LM_BLOCKS_NOTE = (
+    "packing: false concatenates the documents and cuts them into cutoff_len blocks, every token "
+    "kept (LLaMA-Factory's pt truncates each document to cutoff_len)"
+)
+
+
+def differences_from_llama_factory(
+    records: list[Record], data: DataConfig, template: Template, kind: str
+) -> list[str]:
+    """What corral does differently from LLaMA-Factory with these records and settings, one
+    line each."""
+    notes = []
+    if kind == "lm" and not data.packing:
+        notes.append(LM_BLOCKS_NOTE)
+    if kind == "conversation" and template.name == "alpaca":
+        users = (m for r in records for m in r.messages if m["role"] == "user")
+        if any(m.get("input") for m in users):
+            notes.append(ALPACA_INPUT_NOTE)
+    return notes
 
 
 def _tokenise(

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from corral.data.templates import stop_token_ids
+from corral.data.templates import prefix_every_piece, stop_token_ids
 from corral.export.merge import MergedModel
 
 SPM_FILE = "tokenizer.model"  # SentencePiece model, when the tokenizer came from one
@@ -40,6 +40,7 @@ def save_tokenizer(merged: MergedModel, folder: Path) -> Path | None:
         tokenizer.chat_template = merged.template.jinja
     if stops and stops[0] != tokenizer.eos_token_id:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(stops[0])
+    prefix_every_piece(tokenizer)  # text tokenized as in training, once loaded again
     tokenizer.save_pretrained(folder, save_jinja_files=False)
     spm = find_spm_model(merged)
     if spm is None:

@@ -19,7 +19,7 @@ from corral.config import CorralConfig
 from corral.data.collator import Collator
 from corral.data.dataset import build_dataset
 from corral.data.processors import format_summary
-from corral.data.templates import get_template
+from corral.data.templates import get_template, prefix_every_piece
 from corral.infer.engine import ChatEngine
 from corral.infer.evaluate import evaluate_generation, evaluate_perplexity, write_run
 from corral.model.adapters import apply_method
@@ -63,6 +63,7 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     if model_config.default_system is not None:  # trained with, so chat and serve use it too
         template = dataclasses.replace(template, default_system=model_config.default_system)
     tokenizer.chat_template = template.jinja  # saved with every checkpoint: serve what we trained
+    prefix_every_piece(tokenizer)  # ... and tokenize its text as training does
     started = time.perf_counter()
     data = build_dataset(
         config.data, tokenizer, template, kind=stage.dataset_kind, seed=config.train.seed
