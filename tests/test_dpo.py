@@ -323,7 +323,7 @@ def _reply_len(row) -> int:
     return sum(label != IGNORE_INDEX for label in row["chosen_labels"][1:])
 
 
-def test_reference_free_losses_load_no_reference(tiny_llama_dir):
+def test_which_reference_is_loaded(tiny_llama_dir):
     from corral.model.load import load_model
     from corral.train.dpo import make_loss
 
@@ -340,6 +340,12 @@ def test_reference_free_losses_load_no_reference(tiny_llama_dir):
     assert reference.model is not model and not any(
         p.requires_grad for p in reference.model.parameters()
     )
+    lora = config.replace(finetuning_type="lora")
+    assert make_loss(lora, model).reference.model is None  # the adapter is switched off instead
+    separate = lora.replace(ref_model=str(tiny_llama_dir))
+    reference = make_loss(separate, model).reference.model
+    assert reference is not model and not reference.training
+    assert not any(p.requires_grad for p in reference.parameters())
 
 
 # --- training runs ------------------------------------------------------------------------------

@@ -70,8 +70,10 @@ class Reference:
     def logps(self, policy: Any, batch: dict[str, Any], *, average: bool) -> PairLogps:
         """The reference's `pair_logps` of `batch`; `policy` is the model being trained."""
         if self.model is None:
-            with policy.disable_adapter():
-                return pair_logps(policy, batch, average=average)
+            # a distributed wrapper has no disable_adapter; no gradients, so no sync is needed
+            peft_model = getattr(policy, "module", policy)
+            with peft_model.disable_adapter():
+                return pair_logps(peft_model, batch, average=average)
         device = batch["input_ids"].device
         if next(self.model.parameters()).device != device:
             self.model.to(device)  # the Trainer moves the policy only once training starts
