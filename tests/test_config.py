@@ -115,7 +115,7 @@ def test_unknown_key_far_from_anything_has_no_suggestion():
             "finetuning_type: 'lorra' is not one of: full, freeze, lora (did you mean 'lora'?)",
         ),
         ("lr_scheduler_type=cosin", "'cosin' is not one of"),
-        ("stage=dpo", "stage: 'dpo' is planned but not available"),
+        ("stage=kto", "stage: 'kto' is planned but not available"),
         ("dataset=", None),
     ],
 )

@@ -20,6 +20,7 @@ def test_examples_exist():
         "sft_full.yaml",
         "sft_freeze.yaml",
         "pt_wiki.yaml",
+        "dpo_lora.yaml",
     } <= names
 
 

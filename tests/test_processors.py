@@ -248,8 +248,8 @@ def test_lm_packing_splits_long_documents_into_pieces(smol_tokenizer, chatml):
 
 
 def test_unknown_and_planned_kinds_and_mismatched_records_are_errors():
-    with pytest.raises(DataError, match="'preference' is not implemented yet"):
-        processor_for("preference")
+    with pytest.raises(DataError, match="'unpaired_preference' is not implemented yet"):
+        processor_for("unpaired_preference")
     with pytest.raises(
         DataError, match="unknown dataset kind 'conversaton'.*did you mean 'conversation'"
     ):

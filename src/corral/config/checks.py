@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from corral.config.fields import IMPLEMENTED_STAGES
+from corral.config.fields import IMPLEMENTED_STAGES, REFERENCE_FREE_LOSSES, MethodConfig
 from corral.utils.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ def check_config(config: CorralConfig) -> None:
         _check_precision,
         _check_data,
         _check_method,
+        _check_preference,
         _check_resume,
         _check_eval,
     ):
@@ -93,6 +94,59 @@ def _check_method(config: CorralConfig) -> list[str]:
         problems.append(
             "additional_target needs finetuning_type: lora (full trains every module; with "
             "freeze, name extra modules in freeze_extra_modules)"
+        )
+    return problems
+
+
+# Keys that only the preference stage reads; set for another stage they would be ignored.
+_PREFERENCE_KEYS = (
+    "pref_beta",
+    "pref_ftx",
+    "pref_loss",
+    "simpo_gamma",
+    "dpo_label_smoothing",
+    "ref_model",
+    "ref_model_adapters",
+)
+
+
+def _check_preference(config: CorralConfig) -> list[str]:
+    method = config.method
+    if method.stage != "dpo":
+        defaults = MethodConfig()
+        changed = [k for k in _PREFERENCE_KEYS if getattr(method, k) != getattr(defaults, k)]
+        if changed:
+            return [
+                f"{', '.join(changed)} only take effect with stage: dpo (stage is "
+                f"{method.stage}); remove them or set stage: dpo"
+            ]
+        return []
+    problems = []
+    if method.dpo_label_smoothing > 0 and method.pref_loss != "sigmoid":
+        problems.append(
+            f"dpo_label_smoothing needs pref_loss: sigmoid (pref_loss is {method.pref_loss})"
+        )
+    if method.pref_loss in REFERENCE_FREE_LOSSES and (
+        method.ref_model or method.ref_model_adapters
+    ):
+        problems.append(
+            f"pref_loss: {method.pref_loss} uses no reference model; remove ref_model and "
+            "ref_model_adapters (or choose sigmoid, hinge or ipo)"
+        )
+    if method.ref_model_adapters and not method.ref_model:
+        problems.append(
+            "ref_model_adapters are loaded on top of ref_model: set ref_model too (without "
+            "it the reference is the model being trained, as loaded)"
+        )
+    if config.data.packing:
+        problems.append(
+            "packing: true does not apply to stage dpo: a chosen and a rejected reply share "
+            "a prompt and are batched as a pair; remove packing"
+        )
+    if config.eval.do_eval:
+        problems.append(
+            "do_eval measures perplexity on conversations; with stage dpo set val_size or "
+            "eval_dataset and the validation loss and rewards are logged during training"
         )
     return problems
 

@@ -33,7 +33,10 @@ def opt(
 # Stages corral knows about. Those not in IMPLEMENTED_STAGES are planned; choosing one is an
 # error that says so instead of a silent fallback.
 ALL_STAGES = ("pt", "sft", "rm", "dpo", "kto", "orpo", "ppo")
-IMPLEMENTED_STAGES = ("pt", "sft")
+IMPLEMENTED_STAGES = ("pt", "sft", "dpo")
+PREFERENCE_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
+# Losses that compare the policy with itself only: no reference model is loaded for them.
+REFERENCE_FREE_LOSSES = ("orpo", "simpo")
 SCHEDULERS = (
     "linear",
     "cosine",
@@ -124,7 +127,9 @@ class DataConfig:
 @dataclass
 class MethodConfig:
     stage: str = opt(
-        "sft", "Training stage: pt (continued pretraining) or sft.", choices=ALL_STAGES
+        "sft",
+        "Training stage: pt (continued pretraining), sft or dpo (preference pairs).",
+        choices=ALL_STAGES,
     )
     finetuning_type: str = opt(
         "lora",
@@ -154,6 +159,39 @@ class MethodConfig:
     )
     use_dora: bool = opt(False, "Use DoRA (weight-decomposed LoRA).")
     use_rslora: bool = opt(False, "Use rank-stabilised LoRA scaling (alpha / sqrt(rank)).")
+    pref_beta: float = opt(
+        0.1,
+        "dpo: beta, how far the policy may move from the reference (smaller: further).",
+        gt=0,
+    )
+    pref_ftx: float = opt(
+        0.0,
+        "dpo: weight of the SFT loss (per-token NLL of the chosen reply) added to the "
+        "preference loss.",
+        ge=0,
+    )
+    pref_loss: str = opt(
+        "sigmoid",
+        "dpo: preference loss: sigmoid (DPO), hinge (SLiC), ipo, orpo or simpo (the last two "
+        "need no reference model).",
+        choices=PREFERENCE_LOSSES,
+    )
+    simpo_gamma: float = opt(0.5, "dpo with pref_loss simpo: the target reward margin gamma.", ge=0)
+    dpo_label_smoothing: float = opt(
+        0.0,
+        "dpo with pref_loss sigmoid: the probability that a pair's labels are flipped "
+        "(robust/conservative DPO).",
+        ge=0,
+        le=0.5,
+    )
+    ref_model: str | None = opt(
+        None,
+        "dpo: a separate reference model folder. Empty: the model as loaded before training "
+        "(with LoRA the base with the adapter switched off, else a frozen copy).",
+    )
+    ref_model_adapters: list[str] | None = opt(
+        None, "dpo: adapter folders loaded on top of ref_model (comma-separated)."
+    )
 
 
 @dataclass

@@ -3,6 +3,8 @@
     collate = Collator(pad_token_id=tokenizer.pad_token_id)
     batch = collate([dataset[0], dataset[1]])
 
+Preference pairs (`PairCollator`) become two rows each, chosen rows first.
+
 Unpacked examples are padded on the right to the longest one and get an attention_mask.
 Packed rows (they carry position_ids) get no attention_mask, so transformers builds the
 block-diagonal mask from the position ids (see `corral.data.packing`); their padding starts a
@@ -79,3 +81,29 @@ def _pad(features: list[dict[str, Any]], key: str, real: Any, fill: int) -> Any:
     out = torch.full(real.shape, fill, dtype=torch.long)
     out[real] = torch.cat([torch.as_tensor(f[key], dtype=torch.long) for f in features])
     return out
+
+
+class PairCollator:
+    """Pads preference pairs into one batch: the chosen sequences first, then the rejected.
+
+    A batch of B pairs becomes 2B rows (row i is pair i's chosen reply, row B + i its rejected
+    one), padded by `Collator`'s rules, so the policy and the reference each run one forward
+    over both sides.
+
+    Args:
+        pad_token_id: As for `Collator`.
+        pad_to_multiple_of: As for `Collator`.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8):
+        self.pad = Collator(pad_token_id, pad_to_multiple_of)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        """Pad the pairs' chosen_*/rejected_* columns into input_ids, labels, attention_mask
+        and num_real_tokens, chosen rows first."""
+        rows = [
+            {"input_ids": f[f"{side}_input_ids"], "labels": f[f"{side}_labels"]}
+            for side in ("chosen", "rejected")
+            for f in features
+        ]
+        return self.pad(rows)

@@ -116,3 +116,36 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         dh = grad_hidden * factor.to(grad_hidden.dtype) if grad_hidden is not None else None
         dw = (grad_weight * factor).to(ctx.weight_dtype) if grad_weight is not None else None
         return dh, dw, None, None
+
+
+def label_logps(
+    hidden: torch.Tensor, labels: torch.Tensor, head: Any | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the summed log-probability of its labelled tokens, and how many there are.
+
+    Like `causal_lm_loss`, the head runs only on labelled positions, chunk by chunk; unlike it,
+    each chunk's logits stay alive for backward (preference pairs are short, and per-row sums
+    need the log-softmax itself, not only its gradient).
+
+    Args:
+        hidden: (rows, seq, hidden) final hidden states, or (rows, seq, vocab) logits when
+            `head` is None.
+        labels: (rows, seq) aligned with the inputs (the model shifts), -100 where untrained.
+        head: the output projection, or None when `hidden` already holds logits.
+
+    Returns:
+        (logps, counts): two (rows,) tensors; logps in fp32.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[mask]
+    selected, targets = hidden[:, :-1][mask], targets[mask]
+    pieces = [selected.new_zeros(0, dtype=torch.float32)]
+    for start in range(0, targets.numel(), CHUNK_TOKENS):
+        chunk = selected[start : start + CHUNK_TOKENS]
+        logits = (chunk if head is None else head(chunk)).float()
+        picked = logits.gather(1, targets[start : start + CHUNK_TOKENS, None]).squeeze(1)
+        pieces.append(picked - torch.logsumexp(logits, dim=-1))
+    per_token = torch.cat(pieces)
+    sums = per_token.new_zeros(labels.shape[0]).index_add(0, rows, per_token)
+    return sums, mask.sum(dim=1)

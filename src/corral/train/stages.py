@@ -1,7 +1,7 @@
 """The stage table: what each training stage needs, as facts the lower layers receive.
 
 Lower layers never compare stage names: the data layer gets `dataset_kind`, the trainer gets
-the stage's hooks. Adding rm/dpo/kto/ppo means adding a row (and a short module), not editing
+the stage's hooks. Adding rm/kto/ppo means adding a row (and a short module), not editing
 `if stage == ...` branches across the code base.
 """
 
@@ -18,11 +18,16 @@ class Stage:
 
     Attributes:
         name: the `stage` config value.
-        dataset_kind: which processor turns records into tensors ("lm", "conversation"; later
-            "preference", "unpaired_preference", "prompt").
-        needs_reference_model: whether a frozen copy of the model is loaded (dpo, kto, ppo).
+        dataset_kind: which processor turns records into tensors ("lm", "conversation",
+            "preference"; later "unpaired_preference", "prompt").
+        needs_reference_model: whether the loss compares with a reference policy (dpo, kto,
+            ppo); which one, and whether a loss choice needs none, is the stage's make_loss's.
         needs_value_head: whether the model gets a scalar head (rm, ppo).
         after_training: checks run on the tuned model, returning metrics for train_results.json.
+        make_loss: (config, loaded model) -> the trainer's loss hook, called before the method
+            (full/freeze/lora) is applied; the hook maps (model, batch) to (loss, metrics to
+            log). None: the shared LM loss on labelled tokens.
+        make_collator: (pad_token_id) -> the batch collator; None: the shared `Collator`.
     """
 
     name: str
@@ -30,11 +35,13 @@ class Stage:
     needs_reference_model: bool = False
     needs_value_head: bool = False
     after_training: Callable[..., dict[str, Any]] | None = None
+    make_loss: Callable[..., Callable[..., Any]] | None = None
+    make_collator: Callable[[int], Any] | None = None
 
 
 def get_stage(name: str) -> Stage:
     """The table row for a stage (the config layer has already rejected unknown names)."""
-    from corral.train import pt, sft
+    from corral.train import dpo, pt, sft
 
-    table = {stage.name: stage for stage in (pt.STAGE, sft.STAGE)}
+    table = {stage.name: stage for stage in (pt.STAGE, sft.STAGE, dpo.STAGE)}
     return table[name]

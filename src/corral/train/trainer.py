@@ -7,6 +7,7 @@ corral adds the label-only fused LM loss, real-token accounting and its callback
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,11 +130,26 @@ class SeededLengthGroupedSampler(torch.utils.data.Sampler):
 
 
 class CorralTrainer(Trainer):
-    """`Trainer` whose loss runs the LM head only on labelled positions."""
+    """`Trainer` whose loss runs the LM head only on labelled positions, or the stage's own.
 
-    def __init__(self, *args: Any, meter: TokenMeter, **kwargs: Any):
+    Args:
+        meter: counts real and trained tokens.
+        stage_loss: the stage's loss hook, (model, batch) -> (loss, metrics), whose metrics
+            are averaged over the steps between two logs and logged with the loss (eval_
+            prefixed in validation). None: the LM loss.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        meter: TokenMeter,
+        stage_loss: Callable[..., tuple[torch.Tensor, dict[str, float]]] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.meter = meter
+        self.stage_loss = stage_loss
+        self._stage_metrics: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
         # Our loss divides by the labelled tokens of the whole accumulated batch (the Trainer's
         # num_items_in_batch), so the Trainer must neither skip counting nor divide by GA again.
         self.model_accepts_loss_kwargs = True
@@ -146,6 +162,9 @@ class CorralTrainer(Trainer):
         return sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
+        if self.stage_loss is not None:
+            loss = self._compute_stage_loss(model, inputs)
+            return (loss, {"loss": loss}) if return_outputs else loss
         inputs = dict(inputs)
         real_tokens = inputs.pop("num_real_tokens", None)
         inputs.pop("length", None)
@@ -171,6 +190,32 @@ class CorralTrainer(Trainer):
                 int(real_tokens) if real_tokens is not None else labels.numel()
             )
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _compute_stage_loss(self, model, inputs) -> torch.Tensor:
+        inputs = dict(inputs)
+        real_tokens = inputs.pop("num_real_tokens", None)
+        with self.accelerator.autocast():
+            loss, metrics = self.stage_loss(model, inputs)
+        split = "train" if model.training else "eval"
+        for key, value in metrics.items():
+            self._stage_metrics[split].setdefault(key, []).append(value)
+        if model.training:
+            labels = inputs["labels"]
+            self.meter.trained_tokens += int((labels[:, 1:] != -100).sum())
+            self.meter.real_tokens += (
+                int(real_tokens) if real_tokens is not None else labels.numel()
+            )
+            # A stage's loss is a mean over its micro-batch; the Trainer leaves GA scaling to us.
+            loss = loss / self.current_gradient_accumulation_steps
+        return loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:  # noqa: D102
+        split = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if split == "eval" else ""
+        for key, values in self._stage_metrics[split].items():
+            logs[prefix + key] = round(sum(values) / len(values), 6)
+        self._stage_metrics[split] = {}
+        super().log(logs, *args, **kwargs)
 
 
 def peak_memory() -> dict[str, float]:

@@ -43,6 +43,7 @@ class RunContext:
     tokenizer: Any
     train_records: list
     eval_records: list
+    log_history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def run_training(config: CorralConfig) -> dict[str, Any]:
@@ -72,6 +73,8 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     log.info("dataset summary:\n" + format_summary(data.stats))
     set_seed(config.train.seed)  # LoRA's random init must not depend on what ran before
     weights_dtype = model.dtype  # trainable weights become fp32 master copies below
+    # before apply_method: a reference copy must be of the model as loaded
+    stage_loss = stage.make_loss(config, model) if stage.make_loss is not None else None
     model = apply_method(model, config.method, model_config.adapter_name_or_path)
     if config.train.fused_ops:
         fuse_for_training(model)
@@ -88,14 +91,11 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
         ),
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=Collator(
-            pad_token_id=_pad_id(tokenizer),
-            # flash-attention detects packed documents only within a single row
-            flatten_packed=config.model.flash_attn == "fa2",
-        ),
+        data_collator=_collator(stage, config, tokenizer),
         processing_class=tokenizer,
         callbacks=[ProgressCallback(meter), JsonlLogCallback(), interrupt],
         meter=meter,
+        stage_loss=stage_loss,
     )
     _remove_tqdm_callbacks(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -130,7 +130,12 @@ def _finish(config, trainer, result, meter, stage, model_config, template, data)
     if stage.after_training is not None:
         trainer.model.eval()
         context = RunContext(
-            config, trainer.model, trainer.processing_class, data.train_records, data.eval_records
+            config,
+            trainer.model,
+            trainer.processing_class,
+            data.train_records,
+            data.eval_records,
+            trainer.state.log_history,
         )
         metrics.update(stage.after_training(context))
     if config.eval.do_eval or config.eval.do_predict:
@@ -172,6 +177,16 @@ def evaluate_after_training(config, trainer, template, records) -> dict[str, Any
         write_run(out / "predict", run)
         results.update({f"predict_{k}": run.metrics[k] for k in ("bleu-4", "rouge-l")})
     return results
+
+
+def _collator(stage: Any, config: CorralConfig, tokenizer: Any) -> Any:
+    if stage.make_collator is not None:
+        return stage.make_collator(_pad_id(tokenizer))
+    return Collator(
+        pad_token_id=_pad_id(tokenizer),
+        # flash-attention detects packed documents only within a single row
+        flatten_packed=config.model.flash_attn == "fa2",
+    )
 
 
 def _pad_id(tokenizer: Any) -> int:

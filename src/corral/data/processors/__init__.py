@@ -9,7 +9,8 @@ always -100, so the labelled tokens are exactly the predicted positions and pack
 never predict across their boundary.
 
 Kinds (the train layer's stage table names one; this package never sees a stage), one module
-each: `lm` (language modelling) and `conversation` (sft). `pipeline` runs a kind's processor
+each: `lm` (language modelling), `conversation` (sft) and `preference` (dpo: a chosen and a
+rejected reply to one prompt, kept together in one row). `pipeline` runs a kind's processor
 over a part's records; `stats` counts what happened (examples that end with no trainable token
 are dropped and counted by reason, with token length percentiles and the trained fraction) for
 `format_summary`.
@@ -30,6 +31,7 @@ from corral.data.processors.base import (
 from corral.data.processors.conversation import encode_conversations, label_turns
 from corral.data.processors.lm import encode_documents
 from corral.data.processors.pipeline import (
+    PAIR_COLUMNS,
     PLANNED_KINDS,
     PROCESSORS,
     check_record_kinds,
@@ -37,15 +39,19 @@ from corral.data.processors.pipeline import (
     process_records,
     processor_for,
 )
+from corral.data.processors.preference import NO_PAIR, SAME_REPLIES, encode_preferences
 from corral.data.processors.stats import DataStats, PartStats, ProcessedData, format_summary
 
 __all__ = [
     "EMPTY_DOCUMENT",
     "IGNORE_INDEX",
+    "NO_PAIR",
     "NO_REPLY",
     "NO_TRAINABLE",
+    "PAIR_COLUMNS",
     "PLANNED_KINDS",
     "PROCESSORS",
+    "SAME_REPLIES",
     "SPLIT",
     "TOOL_CALLS",
     "TRUNCATED",
@@ -58,6 +64,7 @@ __all__ = [
     "check_record_kinds",
     "encode_conversations",
     "encode_documents",
+    "encode_preferences",
     "finish_part",
     "format_summary",
     "label_turns",

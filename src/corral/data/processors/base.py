@@ -42,11 +42,17 @@ class Encoded:
 
 @dataclass(frozen=True)
 class Processor:
-    """One dataset kind: the record kinds it accepts and how it encodes a batch of records."""
+    """One dataset kind: the record kinds it accepts and how it encodes a batch of records.
+
+    With `paired`, every kept record gives exactly two examples (chosen, rejected) that the
+    pipeline keeps in one row: chosen_input_ids, chosen_labels, rejected_input_ids,
+    rejected_labels and length (the longer of the two).
+    """
 
     kind: str
     accepts: tuple[str, ...]
     encode: Callable[[list[Record], Any, Template, DataConfig], list[Encoded]]
+    paired: bool = False
 
 
 def first_unlabelled(labels: list[int]) -> list[int]:

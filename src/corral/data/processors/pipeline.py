@@ -17,6 +17,7 @@ from corral.data.processors.base import (
 )
 from corral.data.processors.conversation import encode_conversations
 from corral.data.processors.lm import cut_into_blocks, encode_documents
+from corral.data.processors.preference import encode_preferences
 from corral.data.processors.stats import PartStats
 from corral.data.records import Record
 from corral.data.templates import Template
@@ -28,9 +29,13 @@ PROCESSORS: dict[str, Processor] = {
     "conversation": Processor(
         "conversation", accepts=("conversation",), encode=encode_conversations
     ),
+    "preference": Processor(
+        "preference", accepts=("preference",), encode=encode_preferences, paired=True
+    ),
 }
 # Kinds the stage table may name once their stages exist.
-PLANNED_KINDS = ("preference", "unpaired_preference", "prompt")
+PLANNED_KINDS = ("unpaired_preference", "prompt")
+PAIR_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 
 
 def check_record_kinds(dataset_stats: list[Any], kind: str) -> None:
@@ -97,7 +102,8 @@ def process_records(
 
     processor = processor_for(kind)
     if not records:
-        empty = {"input_ids": [], "labels": [], "length": []}
+        columns = PAIR_COLUMNS if processor.paired else ("input_ids", "labels")
+        empty = {**{c: [] for c in columns}, "length": []}
         return datasets.Dataset.from_dict(empty), PartStats(part=part)
     rows = datasets.Dataset.from_list([{"record": json.dumps(vars(r))} for r in records])
     features = datasets.Features(
@@ -126,7 +132,7 @@ def process_records(
         new_fingerprint=uuid.uuid4().hex,
         desc=f"tokenising {part} records",
     )
-    return _examples_and_stats(encoded, part)
+    return _examples_and_stats(encoded, part, paired=processor.paired)
 
 
 def _encode_batch(
@@ -150,8 +156,9 @@ def _encode_batch(
     }
 
 
-def _examples_and_stats(encoded: Any, part: str) -> tuple[Any, PartStats]:
-    """Flatten the per-record example lists into rows and count what happened."""
+def _examples_and_stats(encoded: Any, part: str, *, paired: bool) -> tuple[Any, PartStats]:
+    """Flatten the per-record example lists into rows (pairs into one row each) and count what
+    happened."""
     import datasets
     import numpy as np
     import pyarrow as pa
@@ -175,9 +182,35 @@ def _examples_and_stats(encoded: Any, part: str) -> tuple[Any, PartStats]:
         stats.length["max"] = int(tokens.max())
     ids = table.column("input_ids").combine_chunks().flatten()
     labels = table.column("labels").combine_chunks().flatten()
-    examples = pa.table({"input_ids": ids, "labels": labels, "length": pc.list_value_length(ids)})
+    if paired:  # kept records hold exactly [chosen, rejected]: even rows chosen, odd rejected
+        examples = _pair_rows(ids, labels)
+    else:
+        examples = pa.table(
+            {"input_ids": ids, "labels": labels, "length": pc.list_value_length(ids)}
+        )
     stats.examples = len(examples)
     return datasets.Dataset(examples), stats
+
+
+def _pair_rows(ids: Any, labels: Any) -> Any:
+    """One row per (chosen, rejected) pair, from examples flattened in that order."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    chosen, rejected = np.arange(0, len(ids), 2), np.arange(1, len(ids), 2)
+    columns = dict(
+        zip(
+            PAIR_COLUMNS,
+            (ids.take(chosen), labels.take(chosen), ids.take(rejected), labels.take(rejected)),
+            strict=True,
+        )
+    )
+    length = pc.max_element_wise(
+        pc.list_value_length(columns["chosen_input_ids"]),
+        pc.list_value_length(columns["rejected_input_ids"]),
+    )
+    return pa.table({**columns, "length": length})
 
 
 def finish_part(examples: Any, stats: PartStats, data: DataConfig, kind: str) -> Any:
@@ -193,8 +226,11 @@ def finish_part(examples: Any, stats: PartStats, data: DataConfig, kind: str) ->
     else:
         rows = examples
     table = rows.with_format("arrow")[:]
-    labels = table.column("labels").combine_chunks().flatten()
     stats.rows = len(rows)
-    stats.real_tokens = len(labels)
-    stats.trained_tokens = pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0
+    # pairs count both of their sequences: the model runs over both
+    for column in ("labels", "chosen_labels", "rejected_labels"):
+        if column in table.column_names:
+            labels = table.column(column).combine_chunks().flatten()
+            stats.real_tokens += len(labels)
+            stats.trained_tokens += pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0
     return rows

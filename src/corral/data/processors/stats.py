@@ -85,7 +85,8 @@ def format_summary(stats: DataStats) -> str:
 
 
 def _describe_part(p: PartStats, stats: DataStats) -> list[str]:
-    unit = "packed rows" if stats.packing else ("blocks" if stats.kind == "lm" else "rows")
+    units = {"lm": "blocks", "preference": "pairs"}
+    unit = "packed rows" if stats.packing else units.get(stats.kind, "rows")
     lines = [f"{p.part}: {p.examples_in} records -> {p.examples} examples -> {p.rows} {unit}"]
     for reason, n in p.dropped.items():
         lines.append(f"  dropped {n}: {reason} (first: {p.first_dropped[reason]})")
