@@ -197,13 +197,19 @@ def test_dpo_config_is_accepted_with_llama_factory_keys():
         (["stage=dpo", "pref_loss=simpo", "ref_model=/m"], "pref_loss: simpo uses no reference"),
         (["stage=dpo", "ref_model_adapters=/a"], "set ref_model too"),
         (["stage=dpo", "packing=true"], "packing: true does not apply to stage dpo"),
-        (["stage=sft", "pref_beta=0.2"], "pref_beta only take effect with stage: dpo"),
     ],
 )
 def test_bad_preference_configs_are_named(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert message in str(err.value)
+
+
+def test_preference_keys_on_another_stage_are_ignored_with_a_note():
+    config = load_config(None, ["stage=sft", "pref_beta=0.2", "pref_loss=ipo"])
+    assert config.notes == [
+        "ignoring pref_beta, pref_loss: they only take effect with stage: dpo (stage is sft)"
+    ]
 
 
 # --- the losses against a plain torch reference ------------------------------------------------

@@ -98,7 +98,8 @@ def _check_method(config: CorralConfig) -> list[str]:
     return problems
 
 
-# Keys that only the preference stage reads; set for another stage they would be ignored.
+# Keys that only the preference stage reads; another stage ignores them, as LLaMA-Factory does,
+# and says so (an sft YAML that carries them still runs).
 _PREFERENCE_KEYS = (
     "pref_beta",
     "pref_ftx",
@@ -116,10 +117,10 @@ def _check_preference(config: CorralConfig) -> list[str]:
         defaults = MethodConfig()
         changed = [k for k in _PREFERENCE_KEYS if getattr(method, k) != getattr(defaults, k)]
         if changed:
-            return [
-                f"{', '.join(changed)} only take effect with stage: dpo (stage is "
-                f"{method.stage}); remove them or set stage: dpo"
-            ]
+            config.notes.append(
+                f"ignoring {', '.join(changed)}: they only take effect with stage: dpo (stage is "
+                f"{method.stage})"
+            )
         return []
     problems = []
     if method.dpo_label_smoothing > 0 and method.pref_loss != "sigmoid":
