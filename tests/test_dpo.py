@@ -183,7 +183,6 @@ def test_dpo_config_is_accepted_with_llama_factory_keys():
     ("overrides", "message"),
     [
         (["stage=kto"], "stage: 'kto' is planned but not available"),
-        (["stage=orpo"], "stage: 'orpo' is planned but not available"),
         (
             ["stage=dpo", "pref_loss=dpp"],
             "pref_loss: 'dpp' is not one of: sigmoid, hinge, ipo, orpo, simpo",
@@ -208,8 +207,14 @@ def test_bad_preference_configs_are_named(overrides, message):
 def test_preference_keys_on_another_stage_are_ignored_with_a_note():
     config = load_config(None, ["stage=sft", "pref_beta=0.2", "pref_loss=ipo"])
     assert config.notes == [
-        "ignoring pref_beta, pref_loss: they only take effect with stage: dpo (stage is sft)"
+        "ignoring pref_beta, pref_loss: stage sft does not read them (they belong to dpo, kto)"
     ]
+
+
+def test_stage_shorthands_orpo_and_simpo_mean_dpo_with_that_loss():
+    for shorthand in ("orpo", "simpo"):
+        method = load_config(None, [f"stage={shorthand}"]).method
+        assert (method.stage, method.pref_loss) == ("dpo", shorthand)
 
 
 # --- the losses against a plain torch reference ------------------------------------------------

@@ -31,6 +31,7 @@ def check_config(config: CorralConfig) -> None:
         _check_precision,
         _check_data,
         _check_method,
+        _note_other_stage_keys,
         _check_preference,
         _check_resume,
         _check_eval,
@@ -98,29 +99,49 @@ def _check_method(config: CorralConfig) -> list[str]:
     return problems
 
 
-# Keys that only the preference stage reads; another stage ignores them, as LLaMA-Factory does,
-# and says so (an sft YAML that carries them still runs).
-_PREFERENCE_KEYS = (
-    "pref_beta",
-    "pref_ftx",
-    "pref_loss",
-    "simpo_gamma",
-    "dpo_label_smoothing",
-    "ref_model",
-    "ref_model_adapters",
-)
+# The stages that read each stage-specific key. Another stage ignores it, as LLaMA-Factory
+# does, and says so (an sft YAML that carries them still runs).
+STAGE_KEYS = {
+    "pref_beta": ("dpo", "kto"),
+    "pref_ftx": ("dpo", "kto"),
+    "pref_loss": ("dpo",),
+    "simpo_gamma": ("dpo",),
+    "dpo_label_smoothing": ("dpo",),
+    "ref_model": ("dpo", "kto", "ppo", "grpo"),
+    "ref_model_adapters": ("dpo", "kto", "ppo", "grpo"),
+    "kto_chosen_weight": ("kto",),
+    "kto_rejected_weight": ("kto",),
+    "reward_model": ("ppo", "grpo"),
+    "reward_model_adapters": ("ppo", "grpo"),
+    "reward_model_type": ("ppo", "grpo"),
+    "ppo_buffer_size": ("ppo",),
+    "ppo_epochs": ("ppo",),
+    "ppo_score_norm": ("ppo",),
+    "ppo_target": ("ppo",),
+    "ppo_whiten_rewards": ("ppo",),
+    "reward_funcs": ("grpo",),
+    "num_generations": ("grpo",),
+}
+
+
+def _note_other_stage_keys(config: CorralConfig) -> list[str]:
+    method, defaults = config.method, MethodConfig()
+    ignored = [
+        key
+        for key, stages in STAGE_KEYS.items()
+        if method.stage not in stages and getattr(method, key) != getattr(defaults, key)
+    ]
+    if ignored:
+        config.notes.append(
+            f"ignoring {', '.join(ignored)}: stage {method.stage} does not read them (they "
+            f"belong to {', '.join(sorted({s for k in ignored for s in STAGE_KEYS[k]}))})"
+        )
+    return []
 
 
 def _check_preference(config: CorralConfig) -> list[str]:
     method = config.method
     if method.stage != "dpo":
-        defaults = MethodConfig()
-        changed = [k for k in _PREFERENCE_KEYS if getattr(method, k) != getattr(defaults, k)]
-        if changed:
-            config.notes.append(
-                f"ignoring {', '.join(changed)}: they only take effect with stage: dpo (stage is "
-                f"{method.stage})"
-            )
         return []
     problems = []
     if method.dpo_label_smoothing > 0 and method.pref_loss != "sigmoid":

@@ -32,8 +32,10 @@ def opt(
 
 # Stages corral knows about. Those not in IMPLEMENTED_STAGES are planned; choosing one is an
 # error that says so instead of a silent fallback.
-ALL_STAGES = ("pt", "sft", "rm", "dpo", "kto", "orpo", "ppo")
+ALL_STAGES = ("pt", "sft", "rm", "dpo", "kto", "ppo", "grpo")
 IMPLEMENTED_STAGES = ("pt", "sft", "dpo")
+# LLaMA-Factory users may write these as stages; they mean dpo with this pref_loss.
+STAGE_SHORTHANDS = {"orpo": "orpo", "simpo": "simpo"}
 PREFERENCE_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 # Losses that compare the policy with itself only: no reference model is loaded for them.
 REFERENCE_FREE_LOSSES = ("orpo", "simpo")
@@ -128,7 +130,9 @@ class DataConfig:
 class MethodConfig:
     stage: str = opt(
         "sft",
-        "Training stage: pt (continued pretraining), sft or dpo (preference pairs).",
+        "Training stage: pt (continued pretraining), sft, rm (reward model), dpo (preference "
+        "pairs; pref_loss picks DPO, IPO, ORPO, SimPO...), kto (liked/disliked replies), ppo "
+        "(RL against a reward model) or grpo (RL against reward functions).",
         choices=ALL_STAGES,
     )
     finetuning_type: str = opt(
@@ -191,6 +195,39 @@ class MethodConfig:
     )
     ref_model_adapters: list[str] | None = opt(
         None, "dpo: adapter folders loaded on top of ref_model (comma-separated)."
+    )
+    kto_chosen_weight: float = opt(1.0, "kto: weight of the losses of desirable replies.", gt=0)
+    kto_rejected_weight: float = opt(1.0, "kto: weight of the losses of undesirable replies.", gt=0)
+    reward_model: str | None = opt(
+        None,
+        "ppo: the reward model, an rm output folder (reward_model_type lora: an rm adapter "
+        "trained on the same base; full: a full model folder).",
+    )
+    reward_model_adapters: list[str] | None = opt(
+        None, "ppo: adapter folders loaded on top of a full reward_model (comma-separated)."
+    )
+    reward_model_type: str = opt(
+        "lora",
+        "ppo: lora (reward_model is an rm adapter on the policy's base) or full (a whole "
+        "reward model folder).",
+        choices=("lora", "full"),
+    )
+    ppo_buffer_size: int = opt(
+        1, "ppo: mini-batches of rollouts collected before each optimisation phase.", ge=1
+    )
+    ppo_epochs: int = opt(4, "ppo: optimisation passes over each batch of rollouts.", ge=1)
+    ppo_score_norm: bool = opt(False, "ppo: normalise the reward model's scores per batch.")
+    ppo_target: float = opt(
+        6.0, "ppo: target KL to the reference for the adaptive KL coefficient.", gt=0
+    )
+    ppo_whiten_rewards: bool = opt(False, "ppo: whiten the per-token rewards before GAE.")
+    reward_funcs: list[str] | None = opt(
+        None,
+        "grpo: reward functions, each a Python 'module:function' (comma-separated), scoring "
+        "replies; or leave empty and set reward_model.",
+    )
+    num_generations: int = opt(
+        4, "grpo: replies sampled per prompt, compared with each other.", ge=2
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from corral.config.checks import check_config
-from corral.config.fields import GROUPS, all_fields
+from corral.config.fields import GROUPS, STAGE_SHORTHANDS, all_fields
 from corral.config.lf_keys import is_llamafactory_key
 from corral.utils.errors import ConfigError
 from corral.utils.suggest import did_you_mean
@@ -132,6 +132,8 @@ _ALIASES = {
     "disable_gradient_checkpointing": lambda v: {"gradient_checkpointing": not _to_bool_loose(v)},
     "infer_dtype": lambda v: {"dtype": v},
     "do_sample": lambda v: {} if _to_bool_loose(v) else {"temperature": 0.0},
+    # stage: orpo / simpo are dpo with that reference-free loss
+    "stage": lambda v: {"stage": "dpo", "pref_loss": v} if v in STAGE_SHORTHANDS else {"stage": v},
 }
 
 

@@ -19,7 +19,7 @@ class Stage:
     Attributes:
         name: the `stage` config value.
         dataset_kind: which processor turns records into tensors ("lm", "conversation",
-            "preference"; later "unpaired_preference", "prompt").
+            "preference", "prompt"; later "unpaired_preference").
         needs_reference_model: whether the loss compares with a reference policy (dpo, kto,
             ppo); which one, and whether a loss choice needs none, is the stage's make_loss's.
         needs_value_head: whether the model gets a scalar head (rm, ppo).
@@ -28,6 +28,11 @@ class Stage:
             (full/freeze/lora) is applied; the hook maps (model, batch) to (loss, metrics to
             log). None: the shared LM loss on labelled tokens.
         make_collator: (pad_token_id) -> the batch collator; None: the shared `Collator`.
+        make_trainer: for stages that generate while they train (ppo, grpo): called with the
+            keyword arguments `CorralTrainer` takes (model, args, train_dataset, eval_dataset,
+            data_collator, processing_class, callbacks, meter, stage_loss) plus config and
+            template, returns the `transformers.Trainer` whose train() runs the stage.
+            None: `CorralTrainer`.
     """
 
     name: str
@@ -37,6 +42,7 @@ class Stage:
     after_training: Callable[..., dict[str, Any]] | None = None
     make_loss: Callable[..., Callable[..., Any]] | None = None
     make_collator: Callable[[int], Any] | None = None
+    make_trainer: Callable[..., Any] | None = None
 
 
 def get_stage(name: str) -> Stage:

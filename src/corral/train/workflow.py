@@ -84,7 +84,10 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
 
     meter = TokenMeter()
     interrupt = InterruptCallback()
-    trainer = CorralTrainer(
+    make_trainer = stage.make_trainer or CorralTrainer
+    extra = {"config": config, "template": template} if stage.make_trainer else {}
+    trainer = make_trainer(
+        **extra,
         model=model,
         args=training_arguments(
             config, has_eval=data.eval is not None, weights_dtype=weights_dtype

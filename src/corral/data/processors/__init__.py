@@ -9,11 +9,12 @@ always -100, so the labelled tokens are exactly the predicted positions and pack
 never predict across their boundary.
 
 Kinds (the train layer's stage table names one; this package never sees a stage), one module
-each: `lm` (language modelling), `conversation` (sft) and `preference` (dpo: a chosen and a
-rejected reply to one prompt, kept together in one row). `pipeline` runs a kind's processor
-over a part's records; `stats` counts what happened (examples that end with no trainable token
-are dropped and counted by reason, with token length percentiles and the trained fraction) for
-`format_summary`.
+each: `lm` (language modelling), `conversation` (sft), `preference` (dpo: a chosen and a
+rejected reply to one prompt, kept together in one row) and `prompt` (ppo, grpo: the prompt a
+policy answers, with the dataset's reply as a labelled reference). `pipeline` runs a kind's
+processor over a part's records; `stats` counts what happened (examples that end with no
+trainable token are dropped and counted by reason, with token length percentiles and the
+trained fraction) for `format_summary`.
 """
 
 from corral.data.processors.base import (
@@ -40,12 +41,15 @@ from corral.data.processors.pipeline import (
     processor_for,
 )
 from corral.data.processors.preference import NO_PAIR, SAME_REPLIES, encode_preferences
+from corral.data.processors.prompt import NO_PROMPT, PROMPT_TOO_LONG, encode_prompts, split_prompt
 from corral.data.processors.stats import DataStats, PartStats, ProcessedData, format_summary
 
 __all__ = [
     "EMPTY_DOCUMENT",
     "IGNORE_INDEX",
     "NO_PAIR",
+    "NO_PROMPT",
+    "PROMPT_TOO_LONG",
     "NO_REPLY",
     "NO_TRAINABLE",
     "PAIR_COLUMNS",
@@ -65,9 +69,11 @@ __all__ = [
     "encode_conversations",
     "encode_documents",
     "encode_preferences",
+    "encode_prompts",
     "finish_part",
     "format_summary",
     "label_turns",
     "process_records",
     "processor_for",
+    "split_prompt",
 ]

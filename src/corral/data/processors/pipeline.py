@@ -18,6 +18,7 @@ from corral.data.processors.base import (
 from corral.data.processors.conversation import encode_conversations
 from corral.data.processors.lm import cut_into_blocks, encode_documents
 from corral.data.processors.preference import encode_preferences
+from corral.data.processors.prompt import encode_prompts
 from corral.data.processors.stats import PartStats
 from corral.data.records import Record
 from corral.data.templates import Template
@@ -32,9 +33,10 @@ PROCESSORS: dict[str, Processor] = {
     "preference": Processor(
         "preference", accepts=("preference",), encode=encode_preferences, paired=True
     ),
+    "prompt": Processor("prompt", accepts=("conversation", "preference"), encode=encode_prompts),
 }
 # Kinds the stage table may name once their stages exist.
-PLANNED_KINDS = ("unpaired_preference", "prompt")
+PLANNED_KINDS = ("unpaired_preference",)
 PAIR_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 
 
