@@ -239,13 +239,6 @@ def _reference_loss(method, policy, reference, kl_policy, kl_reference, desirabl
     return loss, rewards[liked], rewards[~liked], kl
 
 
-LOSS_CASES = [
-    [],
-    ["pref_beta=0.5", "kto_chosen_weight=1.5", "kto_rejected_weight=0.7"],
-    ["pref_ftx=0.3"],
-]
-
-
 def _perturb(model, only_lora: bool) -> None:
     torch.manual_seed(1)
     with torch.no_grad():
@@ -254,13 +247,21 @@ def _perturb(model, only_lora: bool) -> None:
                 param.add_(torch.randn_like(param) * 0.05)
 
 
-# (finetuning_type, reference): the disabled adapter, a frozen copy, or a ref_model folder
-# that scores the replies worse than the policy does, so the KL estimate is positive.
-REFERENCES = [("lora", "adapter"), ("full", "copy"), ("lora", "ref_model")]
+WEIGHTS = ["pref_beta=0.5", "kto_chosen_weight=1.5", "kto_rejected_weight=0.7"]
+# (finetuning_type, reference, extra keys): the reference is the disabled adapter, a frozen
+# copy, or a ref_model folder that scores the replies worse than the policy does, so the KL
+# estimate is positive and really subtracted.
+LOSS_CASES = [
+    ("lora", "adapter", []),
+    ("lora", "adapter", WEIGHTS),
+    ("full", "copy", ["pref_ftx=0.3"]),
+    ("freeze", "copy", []),
+    ("lora", "ref_model", []),
+    ("lora", "ref_model", [*WEIGHTS, "pref_ftx=0.3"]),
+]
 
 
-@pytest.mark.parametrize(("method_name", "reference_kind"), REFERENCES, ids=lambda c: str(c))
-@pytest.mark.parametrize("extra", LOSS_CASES, ids=lambda c: ",".join(c) or "defaults")
+@pytest.mark.parametrize(("method_name", "reference_kind", "extra"), LOSS_CASES, ids=str)
 def test_loss_and_metrics_equal_a_plain_torch_reference(
     tiny_llama_dir, smol_tokenizer, tmp_path, method_name, reference_kind, extra
 ):
