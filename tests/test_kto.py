@@ -125,6 +125,22 @@ def test_truncation_keeps_the_reply_and_fits_the_kl_row(smol_tokenizer):
     assert smol_tokenizer.decode(row["kl_input_ids"][start:]).startswith("Short. Short.")
 
 
+def test_the_collator_pads_examples_and_kl_rows_to_one_width(smol_tokenizer):
+    records = [_record(["Hi", "Hello there, friend."], True), _record(["Why?", "No."], False)]
+    rows, _ = _rows(records, smol_tokenizer)
+    batch = UnpairedCollator(smol_tokenizer.pad_token_id)(rows.to_list())
+    assert batch["input_ids"].shape == batch["kl_input_ids"].shape
+    assert batch["kto_label"].tolist() == [True, False]
+    lengths = [len(r[k]) for r in rows for k in ("input_ids", "kl_input_ids")]
+    assert int(batch["num_real_tokens"]) == sum(lengths)  # the model runs over both
+    for prefix in ("", "kl_"):
+        for k, row in enumerate(rows):
+            n = len(row[f"{prefix}input_ids"])
+            assert batch[f"{prefix}input_ids"][k, :n].tolist() == row[f"{prefix}input_ids"]
+            assert batch[f"{prefix}labels"][k, :n].tolist() == row[f"{prefix}labels"]
+            assert (batch[f"{prefix}labels"][k, n:] == IGNORE_INDEX).all()
+
+
 def test_kto_en_demo_tokenises_with_the_default_tokenizer(smol_tokenizer, demo_dir):
     from corral.data.loader import load_records
 
