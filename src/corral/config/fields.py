@@ -161,6 +161,11 @@ class MethodConfig:
     additional_target: list[str] | None = opt(
         None, "Modules trained in full next to LoRA (e.g. embed_tokens,lm_head when adding tokens)."
     )
+    create_new_adapter: bool = opt(
+        False,
+        "lora with adapter_name_or_path: merge every given adapter into the base and train a "
+        "new one (default: the last adapter continues training).",
+    )
     use_dora: bool = opt(False, "Use DoRA (weight-decomposed LoRA).")
     use_rslora: bool = opt(False, "Use rank-stabilised LoRA scaling (alpha / sqrt(rank)).")
     pref_beta: float = opt(
@@ -351,6 +356,21 @@ class EvalConfig:
     )
 
 
+@dataclass
+class ExportConfig:
+    export_dir: str | None = opt(
+        None, "corral export: the folder (or .gguf file) to write, when --output is not given."
+    )
+    export_size: int | None = opt(
+        None, "corral export: the largest safetensors shard in GB (empty: 2).", ge=1
+    )
+    export_device: str | None = opt(
+        None,
+        "corral export: where adapters are merged: cpu or auto (empty: the device key).",
+        choices=("cpu", "auto"),
+    )
+
+
 GROUPS = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -359,6 +379,7 @@ GROUPS = {
     "output": OutputConfig,
     "generation": GenerationConfig,
     "eval": EvalConfig,
+    "export": ExportConfig,
 }
 
 
