@@ -9,6 +9,7 @@ from typing import Any
 
 from corral.config.fields import MethodConfig
 from corral.model.load import merge_adapters
+from corral.model.reward import SCORE_HEAD, has_value_head, reward_folder_problem
 from corral.utils.errors import ConfigError, ModelError
 from corral.utils.log import get_logger
 
@@ -20,18 +21,26 @@ def apply_method(model: Any, method: MethodConfig, adapters: list[str] | None = 
         model: the loaded base model (adapters not merged).
         method: the finetuning settings.
         adapters: existing adapter folders; with LoRA all but the last are merged into the base
-            and the last one continues training; with full/freeze they are all merged.
+            and the last one continues training; with full/freeze they are all merged. A model
+            with a value head (see `corral.model.reward`) continues only a reward adapter: an
+            sft adapter below it is merged and a new one is trained.
 
     Returns:
-        The model to train (a `PeftModel` for LoRA).
+        The model to train (a `PeftModel` for LoRA). A value head is always trained: under
+        LoRA peft keeps it in `modules_to_save`, under freeze it joins the trainable modules.
     """
+    value_head = has_value_head(model)
     if adapters:
-        keep_last = method.finetuning_type == "lora"
+        keep_last = method.finetuning_type == "lora" and (
+            not value_head or reward_folder_problem(adapters[-1]) is None
+        )
         model = merge_adapters(model, adapters[:-1] if keep_last else adapters)
+        adapters = adapters if keep_last else None
     if method.finetuning_type == "lora":
         model = _attach_lora(model, method, adapters[-1] if adapters else None)
     elif method.finetuning_type == "freeze":
-        _freeze_all_but(model, _freeze_trainable_names(model, method))
+        head = [f"{SCORE_HEAD}."] if value_head else []
+        _freeze_all_but(model, _freeze_trainable_names(model, method) + head)
     else:
         model.requires_grad_(True)
     _fp32_trainable(model)
@@ -77,7 +86,8 @@ def _attach_lora(model: Any, method: MethodConfig, resume_adapter: str | None) -
     if resume_adapter:
         return PeftModel.from_pretrained(model, resume_adapter, is_trainable=True)
     config = LoraConfig(
-        task_type="CAUSAL_LM",
+        # SEQ_CLS makes peft train and save the score head (modules_to_save) and keep LoRA off it
+        task_type="SEQ_CLS" if has_value_head(model) else "CAUSAL_LM",
         r=method.lora_rank,
         lora_alpha=method.lora_alpha,
         lora_dropout=method.lora_dropout,
