@@ -86,7 +86,7 @@ def _logs(out) -> list[dict]:
     return [json.loads(line) for line in (out / callbacks.LOG_FILE).read_text().splitlines()]
 
 
-def _held_out_rows(tokenizer) -> list[dict]:
+def _held_out_rows(tokenizer, template_name: str = "chatml") -> list[dict]:
     from corral.data.records import Record
 
     records = [
@@ -97,7 +97,7 @@ def _held_out_rows(tokenizer) -> list[dict]:
         )
         for row in (_pair(i + 1, t) for i, t in enumerate(HELD_OUT))
     ]
-    template = get_template("chatml", tokenizer)
+    template = get_template(template_name, tokenizer)
     rows, _ = process_records(
         records, DataConfig(cutoff_len=64), tokenizer, template, kind="preference"
     )
@@ -169,7 +169,7 @@ def test_lora_rm_learns_a_held_out_preference(lora_rm, tiny_llama_dir, smol_toke
     assert accuracy > 0.8
 
 
-def test_full_and_freeze_rm_train_the_head_and_what_the_method_allows(
+def test_every_method_trains_the_head_and_what_the_method_allows(
     tiny_llama_dir, smol_tokenizer, tmp_path
 ):
     from safetensors.torch import load_file
@@ -181,8 +181,18 @@ def test_full_and_freeze_rm_train_the_head_and_what_the_method_allows(
     for method, extra in (
         ("full", ["learning_rate=1e-3"]),
         ("freeze", ["learning_rate=1e-2", "freeze_trainable_layers=1"]),
+        ("lora", ["learning_rate=1e-2", "use_dora=true", "use_rslora=true"]),
     ):
         run_training(_rm_config(tiny_llama_dir, tmp_path, method, "max_steps=12", *extra))
+        reward = load_reward_model(str(tmp_path / method))
+        accuracy = _accuracy(reward, _held_out_rows(smol_tokenizer))
+        print(f"{method} {' '.join(extra[1:])}: held-out accuracy {accuracy:.2f}")
+        assert accuracy > 0.8
+        if method == "lora":
+            saved = load_file(tmp_path / method / "adapter_model.safetensors")
+            assert any("lora_magnitude_vector" in n for n in saved)  # DoRA
+            assert any("score" in n and saved[n].abs().sum() > 0 for n in saved)
+            continue
         saved = load_file(tmp_path / method / "model.safetensors")
         assert saved["score.weight"].abs().sum() > 0 and "lm_head.weight" not in saved
         changed = {
@@ -192,11 +202,6 @@ def test_full_and_freeze_rm_train_the_head_and_what_the_method_allows(
             assert "model.embed_tokens.weight" in changed
         else:  # freeze: the last layer and the head, nothing else
             assert changed and all(n.startswith("model.layers.1.") for n in changed)
-        accuracy = _accuracy(
-            load_reward_model(str(tmp_path / method)), _held_out_rows(smol_tokenizer)
-        )
-        print(f"{method}: held-out accuracy {accuracy:.2f}")
-        assert accuracy > 0.8
 
 
 # --- the folder and its export load with plain transformers --------------------------------------
@@ -218,6 +223,18 @@ def test_rm_folder_and_export_score_as_corral_does(lora_rm, smol_tokenizer, tmp_
 
     exported = export(ModelConfig(adapter_name_or_path=[str(out)], device="cpu"), tmp_path / "m")
     torch.testing.assert_close(_hf_scores(exported, sequences), expected, atol=1e-5, rtol=0)
+    # a conversation as the saved chat template renders it: the ids corral trained and scored
+    from transformers import AutoTokenizer
+
+    row = _pair(1, HELD_OUT[0])
+    messages = [
+        {"role": "user", "content": row["conversations"][0]["value"]},
+        {"role": "assistant", "content": row["chosen"]["value"]},
+    ]
+    rendered = AutoTokenizer.from_pretrained(exported).apply_chat_template(
+        messages, return_tensors="pt", return_dict=True
+    )
+    assert rendered["input_ids"][0].tolist() == sequences[0]
     card = (exported / "README.md").read_text()
     assert "AutoModelForSequenceClassification.from_pretrained" in card
 
@@ -234,11 +251,19 @@ def test_rm_folder_and_export_score_as_corral_does(lora_rm, smol_tokenizer, tmp_
 
 
 def test_full_rm_folder_loads_with_transformers(tiny_llama_dir, smol_tokenizer, tmp_path):
+    """alpaca ends a reply with eos, SmolLM2's pad token: training picks another pad token, so
+    transformers' pooling (the rightmost token that is not padding) still finds the reply's end."""
+    from transformers import AutoTokenizer
+
     from corral.model.reward import load_reward_model
     from corral.train.workflow import run_training
 
-    run_training(_rm_config(tiny_llama_dir, tmp_path, "full", "max_steps=2", "learning_rate=1e-3"))
-    rows = _held_out_rows(smol_tokenizer)[:3]
+    config = _rm_config(tiny_llama_dir, tmp_path, "full", "max_steps=2", "learning_rate=1e-3")
+    run_training(config.replace(template="alpaca"))
+    rows = _held_out_rows(smol_tokenizer, "alpaca")[:3]
+    assert rows[0]["chosen_input_ids"][-1] == smol_tokenizer.pad_token_id
+    saved = AutoTokenizer.from_pretrained(tmp_path / "full")
+    assert saved.pad_token_id not in (smol_tokenizer.pad_token_id, None)
     sequences = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
     expected = load_reward_model(str(tmp_path / "full")).score(sequences)
     assert expected.abs().max() > 0
