@@ -267,6 +267,12 @@ def test_full_rm_folder_loads_with_transformers(tiny_llama_dir, smol_tokenizer, 
     sequences = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
     expected = load_reward_model(str(tmp_path / "full")).score(sequences)
     assert expected.abs().max() > 0
+    # eval pref of the whole folder (--model) scores the same numbers, with its recorded template
+    result = _eval_pref(tmp_path, tmp_path, "--model", str(tmp_path / "full"))  # its template
+    first = result["predictions"][0]
+    assert [first["chosen_reward"], first["rejected_reward"]] == pytest.approx(
+        [float(expected[0]), float(expected[3])], abs=1e-5
+    )
     torch.testing.assert_close(
         _hf_scores(tmp_path / "full", sequences), expected, atol=1e-5, rtol=0
     )
@@ -369,6 +375,10 @@ def test_ranking_data_missing_is_one_clear_error(tiny_llama_dir, tmp_path):
     config = _rm_config(tiny_llama_dir, tmp_path, "lora", f"dataset={tmp_path / 'sft.json'}")
     with pytest.raises(DataError, match="holds conversation records.*preference"):
         run_training(config)
+    from corral.eval.run import run_pref
+
+    with pytest.raises(DataError, match="eval pref needs preference pairs.*holds conversation"):
+        run_pref(config)
 
 
 def test_rm_config_checks():
