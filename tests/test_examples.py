@@ -22,6 +22,7 @@ def test_examples_exist():
         "pt_wiki.yaml",
         "dpo_lora.yaml",
         "kto_lora.yaml",
+        "rm_lora.yaml",
     } <= names
 
 

@@ -33,6 +33,7 @@ def check_config(config: CorralConfig) -> None:
         _check_method,
         _note_other_stage_keys,
         _check_preference,
+        _check_reward_model,
         _check_resume,
         _check_eval,
     ):
@@ -182,6 +183,24 @@ def _check_dpo_loss(method: MethodConfig) -> list[str]:
         problems.append(
             f"pref_loss: {method.pref_loss} uses no reference model; remove ref_model and "
             "ref_model_adapters (or choose sigmoid, hinge or ipo)"
+        )
+    return problems
+
+
+def _check_reward_model(config: CorralConfig) -> list[str]:
+    if config.method.stage != "rm":
+        return []
+    problems = []
+    if config.data.packing:
+        problems.append(
+            "packing: true does not apply to stage rm: each reply is scored at its own last "
+            "token, chosen and rejected batched as a pair; remove packing"
+        )
+    if config.eval.do_eval:
+        problems.append(
+            "do_eval measures perplexity on conversations; with stage rm set val_size or "
+            "eval_dataset and the validation loss and accuracy are logged during training "
+            "(the last ones go into train_results.json), or run corral eval pref"
         )
     return problems
 

@@ -33,7 +33,7 @@ def opt(
 # Stages corral knows about. Those not in IMPLEMENTED_STAGES are planned; choosing one is an
 # error that says so instead of a silent fallback.
 ALL_STAGES = ("pt", "sft", "rm", "dpo", "kto", "ppo", "grpo")
-IMPLEMENTED_STAGES = ("pt", "sft", "dpo", "kto")
+IMPLEMENTED_STAGES = ("pt", "sft", "dpo", "kto", "rm")
 # LLaMA-Factory users may write these as stages; they mean dpo with this pref_loss.
 STAGE_SHORTHANDS = {"orpo": "orpo", "simpo": "simpo"}
 PREFERENCE_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
@@ -315,7 +315,7 @@ EVAL_SPLITS = ("validation", "test", "all")
 class EvalConfig:
     eval_split: str = opt(
         "all",
-        "Examples `corral eval generate` and `ppl` score: validation (the val_size hold-out of "
+        "Examples `corral eval generate`, `ppl` and `pref` score: validation (the val_size hold-out of "
         "`dataset`, the same examples training validates on), test (`eval_dataset`) or all "
         "(every example of `dataset`).",
         choices=EVAL_SPLITS,

@@ -5,6 +5,7 @@
     corral eval compare saves/eval/base saves/eval/tuned
     corral eval ppl --dataset identity
     corral eval mc --task-dir src/corral/resources/mc_sample --n-shot 5
+    corral eval pref --adapter saves/rm-lora --dataset dpo_en_demo --output saves/eval/rm
 
 Like every command, each takes an optional YAML file and key=value overrides; the flags are
 shortcuts for config keys and their help is the config field's. Generation is greedy unless
@@ -62,6 +63,11 @@ SUBCOMMANDS = {
             "--n-shot": "n_shot",
             "--lang": "lang",
         },
+    ),
+    "pref": (
+        "Preference accuracy and mean margin on pairs: a reward model's scores, or a policy's "
+        "implicit reward beta x (log pi - log ref) against the model without its adapter.",
+        {**MODEL_FLAGS, **DATA_FLAGS, "--cutoff-len": "cutoff_len"},
     ),
 }
 LIST_KEYS = ("adapter_name_or_path", "subjects")

@@ -3,6 +3,7 @@
     run = run_generate(config)    # predictions.jsonl, metrics.json, report.md in save_dir
     run = run_ppl(config)
     run = run_mc(config)
+    run = run_pref(config)        # preference accuracy: a reward model's or a policy's
 
 Each reads its data first (so a typo fails before the model loads), then loads the model once
 through the chat engine, so prompts use the template the model or adapter was trained with.
@@ -126,6 +127,22 @@ def run_mc(config: CorralConfig) -> EvalRun:
     )
     if ev.save_dir:
         write_run(ev.save_dir, run)
+    return run
+
+
+def run_pref(config: CorralConfig) -> EvalRun:
+    """Preference accuracy and margin on the split's pairs; writes the folder when save_dir is
+    set (predictions.jsonl has one line per pair)."""
+    from corral.eval.pref import evaluate_pref
+
+    records = split_records(config)
+    about = describe(
+        config, dataset=", ".join(config.data.dataset or config.data.eval_dataset or [])
+    )
+    about["split"] = config.eval.eval_split
+    run = evaluate_pref(config, records, about)
+    if config.eval.save_dir:
+        write_run(config.eval.save_dir, run)
     return run
 
 

@@ -40,7 +40,7 @@ def write_hf_folder(
         raise ExportError(f"--dtype '{dtype}' is not one of: {', '.join(DTYPES)}")
     model = merged.model.to(getattr(torch, name))
     stops = end_of_turn_ids(merged)
-    if stops:
+    if stops and getattr(model, "generation_config", None) is not None:  # rm: no generation
         model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
         model.config.eos_token_id = stops[0]
     try:

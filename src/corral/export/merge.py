@@ -27,6 +27,7 @@ from corral.model.load import (
     resolve_base_for_adapters,
     resolve_model,
 )
+from corral.model.reward import wants_value_head
 from corral.utils.errors import CorralError, ExportError
 from corral.utils.log import get_logger
 
@@ -85,7 +86,12 @@ def load_merged(model_config: ModelConfig) -> MergedModel:
     adapters = list(config.adapter_name_or_path or [])
     check_adapter_folders(adapters)
     source = resolve_model(config.model_name_or_path)
-    model, tokenizer = load_model(replace(config, adapter_name_or_path=None), for_training=True)
+    # a reward model's base gets its score head before the (rm) adapter is attached
+    model, tokenizer = load_model(
+        replace(config, adapter_name_or_path=None),
+        for_training=True,
+        value_head=wants_value_head(config),
+    )
     if adapters:  # the tokenizer saved beside the adapter (with its trained template) wins
         tokenizer = load_tokenizer(config)
     template = _template(config.template, tokenizer)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from corral import __version__
 from corral.export.merge import MergedModel
+from corral.model.reward import has_value_head
 
 CONFIG_FILE = "corral_config.yaml"  # the resolved config corral train saves beside its output
 
@@ -15,7 +16,11 @@ def model_card(merged: MergedModel, name: str) -> str:
     """Markdown with YAML front matter: base model, adapters, template, datasets, training facts."""
     datasets = sorted({d for info in merged.run_infos for d in info.get("datasets") or []})
     template = merged.template.name if merged.template else "none"
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
+    # a reward model (stage: rm) is a one-label sequence classifier: its score head, no LM head
+    reward = has_value_head(merged.model)
+    auto = "AutoModelForSequenceClassification" if reward else "AutoModelForCausalLM"
+    pipeline = "text-classification" if reward else "text-generation"
+    front = ["---", "library_name: transformers", f"pipeline_tag: {pipeline}"]
     if merged.base_model not in ("", "default"):
         front.append(f"base_model: {json.dumps(merged.base_model)}")
     front += ["tags:", "  - corral", "  - llama", "---", ""]
@@ -26,8 +31,8 @@ def model_card(merged: MergedModel, name: str) -> str:
         "adapters merged into the weights. It loads with plain transformers:",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+        f"from transformers import {auto}, AutoTokenizer",
+        f'model = {auto}.from_pretrained("{name}")',
         f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
         "```",
         "",

@@ -22,6 +22,7 @@ from corral.data.templates import (
 )
 from corral.infer.batching import GREEDY_BELOW
 from corral.model.load import load_model, resolve_base_for_adapters
+from corral.model.reward import check_generator
 from corral.utils.errors import CorralError
 
 
@@ -56,6 +57,7 @@ class ChatEngine:
     ):
         self.model_config = resolve_base_for_adapters(model_config)
         if model is None:
+            check_generator(self.model_config)
             model, tokenizer = load_model(self.model_config)
         self.model, self.tokenizer = model, tokenizer
         self.template: Template = get_template(self.model_config.template, tokenizer)

@@ -41,10 +41,11 @@ class EvalRun:
     """One evaluation: what was measured, the numbers, and (for generation) every prediction.
 
     Attributes:
-        kind: "generate", "ppl" or "mc".
+        kind: "generate", "ppl", "mc" or "pref".
         about: what was evaluated (model, adapter, dataset, split, settings), for the report.
         metrics: metric name -> value (flat, so runs compare key by key).
-        predictions: one dict per example (generate): prompt, reference, prediction, scores.
+        predictions: one dict per example (generate: prompt, reference, prediction, scores;
+            pref: the pair, both rewards, the margin).
         tables: extra Markdown sections for the report: title -> table.
     """
 
@@ -224,7 +225,12 @@ def write_run(folder: str | Path, run: EvalRun) -> Path:
 def report_markdown(run: EvalRun, *, examples: bool = True) -> str:
     """The human-readable report: what was evaluated, the metrics, extra tables and (with
     `examples`) the generated replies that scored lowest."""
-    titles = {"generate": "Generation", "ppl": "Perplexity", "mc": "Multiple choice"}
+    titles = {
+        "generate": "Generation",
+        "ppl": "Perplexity",
+        "mc": "Multiple choice",
+        "pref": "Preference",
+    }
     lines = [f"# {titles.get(run.kind, run.kind)} evaluation", "", "| setting | value |"]
     lines += ["|---|---|"] + [f"| {k} | {_cell(v)} |" for k, v in run.about.items()]
     lines += ["", "| metric | value |", "|---|---|"]

@@ -9,6 +9,7 @@ from typing import Any
 
 from corral.config.fields import MethodConfig
 from corral.model.load import merge_adapters
+from corral.model.reward import SCORE_HEAD, has_value_head, reward_folder_problem
 from corral.utils.errors import ConfigError, ModelError
 from corral.utils.log import get_logger
 
@@ -20,25 +21,46 @@ def apply_method(model: Any, method: MethodConfig, adapters: list[str] | None = 
         model: the loaded base model (adapters not merged).
         method: the finetuning settings.
         adapters: existing adapter folders; with LoRA all but the last are merged into the base
-            and the last one continues training (with create_new_adapter all are merged and a
-            new adapter is trained); with full/freeze they are all merged.
+            and the last one continues training (`adapters_to_merge`); with full/freeze they are
+            all merged.
 
     Returns:
-        The model to train (a `PeftModel` for LoRA).
+        The model to train (a `PeftModel` for LoRA). A value head is always trained: under
+        LoRA peft keeps it in `modules_to_save`, under freeze it joins the trainable modules.
     """
+    value_head = has_value_head(model)
     if adapters:
-        keep_last = method.finetuning_type == "lora" and not method.create_new_adapter
-        model = merge_adapters(model, adapters[:-1] if keep_last else adapters)
+        merged, resumed = adapters_to_merge(method, adapters, value_head=value_head)
+        model = merge_adapters(model, merged)
+        adapters = [resumed] if resumed else None
     if method.finetuning_type == "lora":
-        resumed = adapters[-1] if adapters and not method.create_new_adapter else None
-        model = _attach_lora(model, method, resumed)
+        model = _attach_lora(model, method, adapters[0] if adapters else None)
     elif method.finetuning_type == "freeze":
-        _freeze_all_but(model, _freeze_trainable_names(model, method))
+        head = [f"{SCORE_HEAD}."] if value_head else []
+        _freeze_all_but(model, _freeze_trainable_names(model, method) + head)
     else:
         model.requires_grad_(True)
     _fp32_trainable(model)
     _log_trainable(model)
     return model
+
+
+def adapters_to_merge(
+    method: MethodConfig, adapters: list[str], *, value_head: bool
+) -> tuple[list[str], str | None]:
+    """(adapters merged into the base, the adapter that continues training or None).
+
+    With LoRA the last adapter continues training, unless create_new_adapter asks for a new
+    one, or the model has a value head and the last adapter is not a reward adapter (an sft
+    adapter under a reward model is merged and a new adapter trains the head). Full and freeze
+    merge them all.
+    """
+    resume = (
+        method.finetuning_type == "lora"
+        and not method.create_new_adapter
+        and (not value_head or reward_folder_problem(adapters[-1]) is None)
+    )
+    return (adapters[:-1], adapters[-1]) if resume else (list(adapters), None)
 
 
 def _fp32_trainable(model: Any) -> None:
@@ -79,7 +101,8 @@ def _attach_lora(model: Any, method: MethodConfig, resume_adapter: str | None) -
     if resume_adapter:
         return PeftModel.from_pretrained(model, resume_adapter, is_trainable=True)
     config = LoraConfig(
-        task_type="CAUSAL_LM",
+        # SEQ_CLS makes peft train and save the score head (modules_to_save) and keep LoRA off it
+        task_type="SEQ_CLS" if has_value_head(model) else "CAUSAL_LM",
         r=method.lora_rank,
         lora_alpha=method.lora_alpha,
         lora_dropout=method.lora_dropout,

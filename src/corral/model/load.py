@@ -26,6 +26,7 @@ from corral.model.default import (
     default_model_target,
     dequantize_gguf,
 )
+from corral.model.reward import prepare_value_head, wants_value_head
 from corral.utils.errors import MissingDependencyError, ModelError
 from corral.utils.log import get_logger, quiet_libraries
 from corral.utils.suggest import did_you_mean
@@ -319,13 +320,19 @@ def load_tokenizer(source_or_config: ModelSource | ModelConfig | str) -> Any:
     return _from_pretrained("AutoTokenizer", _local_or_hub(source), trust, source)
 
 
-def load_model(model_config: ModelConfig, *, for_training: bool = False) -> tuple[Any, Any]:
+def load_model(
+    model_config: ModelConfig, *, for_training: bool = False, value_head: bool | None = None
+) -> tuple[Any, Any]:
     """Load the base model (and adapters) that `model_config` names, with its tokenizer.
 
     Args:
         model_config: model, adapters, device, dtype and attention settings.
         for_training: return the base model with adapters unmerged (training attaches them)
             instead of merged into the weights.
+        value_head: load it with a scalar `score` head in place of the LM head (a reward
+            model, `AutoModelForSequenceClassification` with one label; see
+            `corral.model.reward`); a head the folder lacks starts at zero. None: as the
+            folders say (a reward model folder or adapter gets its head).
 
     Returns:
         (model, tokenizer); the model on its device, in eval mode.
@@ -337,6 +344,13 @@ def load_model(model_config: ModelConfig, *, for_training: bool = False) -> tupl
     config = resolve_base_for_adapters(model_config)
     adapters = config.adapter_name_or_path or []
     source = resolve_model(config.model_name_or_path)
+    if value_head is None:
+        value_head = wants_value_head(config)
+    if value_head and source.kind == "gguf":
+        raise ModelError(
+            f"'{source.name}' is a GGUF file; a reward model (a score head) loads from a Hugging "
+            "Face folder: pass the model folder the GGUF was made from"
+        )
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
     attention = pick_attention(config.flash_attn, device)
@@ -347,22 +361,29 @@ def load_model(model_config: ModelConfig, *, for_training: bool = False) -> tupl
         )
     else:
         model = _from_pretrained(
-            "AutoModelForCausalLM",
+            "AutoModelForSequenceClassification" if value_head else "AutoModelForCausalLM",
             _local_or_hub(source),
             config.trust_remote_code,
             source,
             dtype=dtype,
             attn_implementation=attention,
+            **({"num_labels": 1} if value_head else {}),
         )
         tokenizer = None
+    # as loaded, before saving rewrites it: a causal LM folder gets a new score head
+    new_head = not any(
+        a.endswith("ForSequenceClassification") for a in model.config.architectures or []
+    )
     model.to(device)
-    if not for_training:
-        model = merge_adapters(model, adapters, source)
     saved = _adapter_tokenizer_dir(adapters)
     if saved is not None:
         tokenizer = _from_pretrained("AutoTokenizer", saved, config.trust_remote_code)
     elif tokenizer is None:
         tokenizer = load_tokenizer(source)
+    if value_head:
+        prepare_value_head(model, tokenizer, new_head=new_head)
+    if not for_training:
+        model = merge_adapters(model, adapters, source)
     return model.eval(), tokenizer
 
 

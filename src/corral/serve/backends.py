@@ -25,6 +25,7 @@ from corral.infer.batching import (
     send_token,
     text_tracker,
 )
+from corral.model.reward import check_generator
 from corral.utils.errors import CorralError
 
 BACKENDS = ("hf", "llamacpp", "vllm")
@@ -183,4 +184,5 @@ def load_backend(name: str, model_config: ModelConfig, max_concurrency: int) -> 
     factories = {"hf": HFBackend, "llamacpp": LlamaCppBackend, "vllm": _vllm_backend}
     if name not in factories:
         raise CorralError(f"unknown backend '{name}'; choose one of: {', '.join(BACKENDS)}")
+    check_generator(model_config)  # before any backend loads it: a reward model cannot chat
     return factories[name](model_config, max_concurrency)

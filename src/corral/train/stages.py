@@ -22,7 +22,9 @@ class Stage:
             "preference", "unpaired_preference", "prompt").
         needs_reference_model: whether the loss compares with a reference policy (dpo, kto,
             ppo); which one, and whether a loss choice needs none, is the stage's make_loss's.
-        needs_value_head: whether the model gets a scalar head (rm, ppo).
+        needs_value_head: whether the model is loaded with a scalar `score` head in place of
+            its LM head (rm: `AutoModelForSequenceClassification`, one label; see
+            `corral.model.reward`), kept trainable by every method.
         after_training: checks run on the tuned model, returning metrics for train_results.json.
         make_loss: (config, loaded model) -> the trainer's loss hook, called before the method
             (full/freeze/lora) is applied; the hook maps (model, batch) to (loss, metrics to
@@ -47,7 +49,8 @@ class Stage:
 
 def get_stage(name: str) -> Stage:
     """The table row for a stage (the config layer has already rejected unknown names)."""
-    from corral.train import dpo, kto, pt, sft
+    from corral.train import dpo, kto, pt, rm, sft
 
-    table = {stage.name: stage for stage in (pt.STAGE, sft.STAGE, dpo.STAGE, kto.STAGE)}
+    rows = (pt.STAGE, sft.STAGE, rm.STAGE, dpo.STAGE, kto.STAGE)
+    table = {stage.name: stage for stage in rows}
     return table[name]

@@ -19,12 +19,13 @@ from corral.config import CorralConfig
 from corral.data.collator import Collator
 from corral.data.dataset import build_dataset
 from corral.data.processors import format_summary
-from corral.data.templates import get_template, prefix_every_piece
+from corral.data.templates import encode_turns, get_template, prefix_every_piece
 from corral.infer.engine import ChatEngine
 from corral.infer.evaluate import evaluate_generation, evaluate_perplexity, write_run
-from corral.model.adapters import apply_method
+from corral.model.adapters import adapters_to_merge, apply_method
 from corral.model.fused import fuse_for_training
 from corral.model.load import load_model, resolve_base_for_adapters
+from corral.model.reward import use_pooling_pad
 from corral.train.callbacks import InterruptCallback, JsonlLogCallback, ProgressCallback
 from corral.train.outputs import CONFIG_FILE, prepare_output_dir, save_final
 from corral.train.plot import plot_loss
@@ -59,12 +60,16 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     config.save(Path(config.output.output_dir) / CONFIG_FILE)
 
     model_config = resolve_base_for_adapters(config.model)
-    model, tokenizer = load_model(model_config, for_training=True)
+    model, tokenizer = load_model(
+        model_config, for_training=True, value_head=stage.needs_value_head
+    )
     template = get_template(model_config.template, tokenizer)
     if model_config.default_system is not None:  # trained with, so chat and serve use it too
         template = dataclasses.replace(template, default_system=model_config.default_system)
     tokenizer.chat_template = template.jinja  # saved with every checkpoint: serve what we trained
     prefix_every_piece(tokenizer)  # ... and tokenize its text as training does
+    if stage.needs_value_head:  # last-token pooling must not take a reply's end for padding
+        use_pooling_pad(model, tokenizer, _reply_end_id(template, tokenizer))
     started = time.perf_counter()
     data = build_dataset(
         config.data, tokenizer, template, kind=stage.dataset_kind, seed=config.train.seed
@@ -121,7 +126,7 @@ def _finish(config, trainer, result, meter, stage, model_config, template, data)
         model_config.model_name_or_path,
         None if template.name == "tokenizer" else template.name,
         model_config.default_system,
-        base_adapters=_merged_adapters(config, model_config.adapter_name_or_path or []),
+        base_adapters=_merged_adapters(config, model_config.adapter_name_or_path or [], stage),
     )
     metrics = dict(result.metrics)
     metrics.update(
@@ -159,13 +164,12 @@ def _finish(config, trainer, result, meter, stage, model_config, template, data)
     return metrics
 
 
-def _merged_adapters(config: CorralConfig, adapters: list[str]) -> list[str]:
+def _merged_adapters(config: CorralConfig, adapters: list[str], stage: Any) -> list[str]:
     """The adapters `apply_method` merged into the base under a trained LoRA adapter (a full or
     freeze model holds them in its weights)."""
-    method = config.method
-    if method.finetuning_type != "lora":
+    if config.method.finetuning_type != "lora" or not adapters:
         return []
-    merged = adapters if method.create_new_adapter else adapters[:-1]
+    merged, _ = adapters_to_merge(config.method, adapters, value_head=stage.needs_value_head)
     return [str(Path(a).expanduser().resolve()) for a in merged]
 
 
@@ -207,6 +211,12 @@ def _pad_id(tokenizer: Any) -> int:
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     return tokenizer.eos_token_id
+
+
+def _reply_end_id(template: Any, tokenizer: Any) -> int:
+    """The last token of a reply as the template renders it (its end-of-turn token, say)."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    return encode_turns(template, tokenizer, probe)[-1][1][-1]
 
 
 def _remove_tqdm_callbacks(trainer: CorralTrainer) -> None:
