@@ -33,6 +33,8 @@ class Stage:
             data_collator, processing_class, callbacks, meter, stage_loss) plus config and
             template, returns the `transformers.Trainer` whose train() runs the stage.
             None: `CorralTrainer`.
+        plot_metrics: logged values drawn next to the loss when plot_loss is on, each in
+            training_<name>.png (ppo: reward).
     """
 
     name: str
@@ -43,11 +45,12 @@ class Stage:
     make_loss: Callable[..., Callable[..., Any]] | None = None
     make_collator: Callable[[int], Any] | None = None
     make_trainer: Callable[..., Any] | None = None
+    plot_metrics: tuple[str, ...] = ()
 
 
 def get_stage(name: str) -> Stage:
     """The table row for a stage (the config layer has already rejected unknown names)."""
-    from corral.train import dpo, pt, sft
+    from corral.train import dpo, ppo, pt, sft
 
-    table = {stage.name: stage for stage in (pt.STAGE, sft.STAGE, dpo.STAGE)}
+    table = {stage.name: stage for stage in (pt.STAGE, sft.STAGE, dpo.STAGE, ppo.STAGE)}
     return table[name]
