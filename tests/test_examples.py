@@ -21,6 +21,7 @@ def test_examples_exist():
         "sft_freeze.yaml",
         "pt_wiki.yaml",
         "dpo_lora.yaml",
+        "ppo_lora.yaml",
     } <= names
 
 
@@ -59,17 +60,23 @@ def test_example_trains_from_the_command_line(path, default_model_dir, tmp_path)
     import subprocess
     import sys
 
-    out = tmp_path / "out"
-    overrides = ["max_steps=2", "max_samples=40", "stop_check_samples=0", f"output_dir={out}"]
-    run = subprocess.run(
-        [sys.executable, "-m", "corral", "train", str(path), *overrides],
-        cwd=path.parents[1],
-        env=os.environ,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    def train(example: Path, out: Path, *extra: str) -> None:
+        overrides = ["max_steps=2", "max_samples=40", "stop_check_samples=0", f"output_dir={out}"]
+        run = subprocess.run(
+            [sys.executable, "-m", "corral", "train", str(example), *overrides, *extra],
+            cwd=path.parents[1],
+            env=os.environ,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+
+    out, extra = tmp_path / "out", []
+    if load_config(path).method.reward_model:  # ppo: first the reward model it names
+        train(path.parent / "rm_lora.yaml", tmp_path / "rm")
+        extra = [f"reward_model={tmp_path / 'rm'}", "max_new_tokens=16"]
+    train(path, out, *extra)
     results = json.loads((out / "train_results.json").read_text())
     assert math.isfinite(results["train_loss"]) and results["real_tokens"] > 0
     assert (out / "corral_config.yaml").is_file() and (out / "corral_run.json").is_file()

@@ -144,7 +144,9 @@ def label_logps(
     return sums, mask.sum(dim=1)
 
 
-def token_logps(selected: torch.Tensor, targets: torch.Tensor, head: Any | None) -> torch.Tensor:
+def token_logps(
+    selected: torch.Tensor, targets: torch.Tensor, head: Any | None, temperature: float = 1.0
+) -> torch.Tensor:
     """The log-probability of each target token, the head run chunk by chunk.
 
     Args:
@@ -152,6 +154,7 @@ def token_logps(selected: torch.Tensor, targets: torch.Tensor, head: Any | None)
             (n, vocab) logits when `head` is None.
         targets: (n,) token ids.
         head: the output projection, or None.
+        temperature: the logits are divided by it (the distribution sampling drew from).
 
     Returns:
         (n,) fp32 log-probs, differentiable.
@@ -160,6 +163,8 @@ def token_logps(selected: torch.Tensor, targets: torch.Tensor, head: Any | None)
     for start in range(0, targets.numel(), CHUNK_TOKENS):
         chunk = selected[start : start + CHUNK_TOKENS]
         logits = (chunk if head is None else head(chunk)).float()
+        if temperature != 1.0:
+            logits = logits / temperature
         picked = logits.gather(1, targets[start : start + CHUNK_TOKENS, None]).squeeze(1)
         pieces.append(picked - torch.logsumexp(logits, dim=-1))
     return torch.cat(pieces)

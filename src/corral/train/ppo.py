@@ -44,6 +44,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from corral.config import CorralConfig
 from corral.data.processors import IGNORE_INDEX, split_prompt
+from corral.infer.batching import GREEDY_BELOW
 from corral.infer.engine import ChatEngine
 from corral.train.loss import token_logps
 from corral.train.ppo_math import (
@@ -117,6 +118,10 @@ class PPOTrainer(CorralTrainer):
         self.kl_control = AdaptiveKL(config.method.ppo_target)
         self.score_moments = RunningMoments()
         self.micro_batches = self.args.gradient_accumulation_steps
+        # greedy rollouts (temperature 0) are scored as if sampled at 1
+        self.temperature = config.generation.temperature
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 1.0
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:  # noqa: D102
         from transformers.trainer_utils import TrainOutput
@@ -239,9 +244,9 @@ class PPOTrainer(CorralTrainer):
         positions = targets != IGNORE_INDEX
         selected = hidden[:, :-1][positions]  # the states that predict each reply token
         counts = positions.sum(dim=1).tolist()
-        logps = _rows(
-            token_logps(selected, targets[positions], model.get_output_embeddings()), counts
-        )
+        head = model.get_output_embeddings()
+        # the log-probs of the distribution replies were sampled from (logits / temperature)
+        logps = _rows(token_logps(selected, targets[positions], head, self.temperature), counts)
         values = None
         if with_values:
             values = _rows(self.value_head(selected.float()).squeeze(-1), counts)
