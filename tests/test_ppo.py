@@ -36,27 +36,30 @@ def _prompts(records, tokenizer, cutoff_len=256):
 
 def test_prompt_is_what_chat_sends_and_the_reply_is_labelled(smol_tokenizer):
     template = get_template("chatml", smol_tokenizer)
+    question = [{"role": "user", "content": "What is ice?"}]
     sft = Record(
         [
             {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "What is ice?"},
+            *question,
             {"role": "assistant", "content": "Frozen water."},
         ]
     )
     pair = Record(
-        [{"role": "user", "content": "What is ice?"}],
+        question,
         chosen={"role": "assistant", "content": "Frozen water."},
         rejected={"role": "assistant", "content": "No idea."},
     )
-    rows, stats = _prompts([sft, pair], smol_tokenizer)
-    assert stats.dropped == {} and len(rows) == 2
-    for row, messages in zip(
-        rows.to_list(), (sft.to_messages()[:-1], pair.to_messages()), strict=True
+    bare = Record(question)  # a prompt alone: nothing to compare with, still a prompt
+    rows, stats = _prompts([sft, pair, bare], smol_tokenizer)
+    assert stats.dropped == {} and len(rows) == 3
+    conversations = (sft.to_messages()[:-1], question, question)
+    for row, messages, reference in zip(
+        rows.to_list(), conversations, ("Frozen water.", "Frozen water.", ""), strict=True
     ):
         prompt, reply = split_prompt(row["input_ids"], row["labels"])
         assert prompt == encode_prompt(template, smol_tokenizer, messages)
         assert row["labels"][: len(prompt)] == [IGNORE_INDEX] * len(prompt)
-        assert smol_tokenizer.decode(reply) == "Frozen water."  # the chosen reply, not rejected
+        assert smol_tokenizer.decode(reply) == reference  # the chosen reply, never rejected
 
 
 def test_a_prompt_that_fills_cutoff_len_is_dropped_and_counted(smol_tokenizer):

@@ -128,6 +128,8 @@ class PPOTrainer(CorralTrainer):
 
         if resume_from_checkpoint is not None:  # checks.py refuses it first; this guards the API
             raise CorralError("stage ppo cannot resume_from_checkpoint; start a new run")
+        if self.args.world_size > 1:  # rollouts and updates are not synchronised across ranks
+            raise CorralError("stage ppo runs on one device; launch it without torchrun")
         loader = self.get_train_dataloader()
         per_step = self.micro_batches * self.config.method.ppo_buffer_size
         max_steps = self.args.max_steps
@@ -367,12 +369,22 @@ def load_reward(config: CorralConfig, tokenizer: Any) -> Reward:
     """The reward that `reward_model` names: an rm output folder scoring prompt + reply.
 
     reward_model_type lora: an rm adapter, loaded on its recorded base (reward_model_adapters
-    merged first); full: a whole reward model folder (reward_model_adapters on top). Its
-    tokenizer must be the policy's, since it scores the policy's token ids as they are.
+    merged first) as a second model (LLaMA-Factory swaps it onto the policy's own base
+    instead: less memory, the same scores); full: a whole reward model folder
+    (reward_model_adapters on top). Its tokenizer must be the policy's, since it scores the
+    policy's token ids as they are.
     """
     from corral.model.reward import load_reward_model
 
     method = config.method
+    folder = Path(method.reward_model).expanduser()
+    is_adapter = (folder / "adapter_config.json").is_file()
+    if folder.is_dir() and is_adapter != (method.reward_model_type == "lora"):
+        kind, fix = ("an adapter", "lora") if is_adapter else ("a whole model", "full")
+        raise CorralError(
+            f"reward_model '{method.reward_model}' is {kind} but reward_model_type is "
+            f"{method.reward_model_type}; set reward_model_type: {fix}"
+        )
     reward_model = load_reward_model(
         method.reward_model, adapters=method.reward_model_adapters, device=config.model.device
     )
