@@ -232,10 +232,12 @@ def _greedy_reward(engine, topics, reward) -> float:
 
 
 def _run(tiny_llama_dir, folder, reward, monkeypatch, *extra: str) -> dict:
+    """A ppo run on 16 prompts; `reward` replaces reward_model's (None: reward_model is read)."""
     from corral.train import ppo
     from corral.train.workflow import run_training
 
-    monkeypatch.setattr(ppo, "load_reward", lambda config, tokenizer: reward)
+    if reward is not None:
+        monkeypatch.setattr(ppo, "load_reward", lambda config, tokenizer: reward)
     rows = [{"instruction": f"Q: {t}", "input": "", "output": "Fine."} for t in TOPICS[:16]]
     (folder / "prompts.json").write_text(json.dumps(rows))
     info = {"prompts": {"file_name": "prompts.json"}}
@@ -344,3 +346,94 @@ def test_full_ppo_keeps_its_reference_frozen_and_checkpoints_the_value_head(
     assert kls[0] == pytest.approx(0, abs=1e-4) and abs(kls[-1]) > 1e-4, kls
     checkpoint = tmp_path / "out" / "checkpoint-2"
     assert (checkpoint / VALUE_HEAD_FILE).is_file() and (checkpoint / "model.safetensors").is_file()
+
+
+# --- the reward from an rm output folder --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reward_folder(tiny_llama_dir, tmp_path_factory):
+    """A LoRA reward model (stage: rm, a few steps on helpful vs dismissive pairs)."""
+    from corral.train.workflow import run_training
+
+    folder = tmp_path_factory.mktemp("rm")
+    pairs = [
+        {
+            "conversations": [{"from": "human", "value": f"Q: {t}"}],
+            "chosen": {"from": "gpt", "value": f"Sure, here is what I know about {t}."},
+            "rejected": {"from": "gpt", "value": "No."},
+        }
+        for t in TOPICS
+    ]
+    (folder / "pairs.json").write_text(json.dumps(pairs))
+    columns = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}
+    entry = {"file_name": "pairs.json", "formatting": "sharegpt", "ranking": True}
+    (folder / "dataset_info.json").write_text(json.dumps({"pairs": {**entry, "columns": columns}}))
+    keys = [
+        f"model_name_or_path={tiny_llama_dir}",
+        "dataset=pairs",
+        f"dataset_dir={folder}",
+        f"output_dir={folder / 'rm'}",
+        "stage=rm",
+        "template=chatml",
+        "cutoff_len=64",
+        "per_device_train_batch_size=8",
+        "learning_rate=1e-2",
+        "max_steps=3",
+        "save_steps=1000",
+        "seed=0",
+    ]
+    run_training(load_config(None, keys))
+    return folder / "rm"
+
+
+def test_a_reward_model_folder_drives_ppo(tiny_llama_dir, reward_folder, tmp_path, monkeypatch):
+    from corral.model.reward import load_reward_model
+    from corral.train import ppo
+
+    calls, real = [], ppo.load_reward
+
+    def spy(config, tokenizer):  # the real reward, recording what it scored
+        reward = real(config, tokenizer)
+
+        def scored(prompts, replies):
+            calls.append((prompts, replies, reward(prompts, replies)))
+            return calls[-1][2]
+
+        return scored
+
+    monkeypatch.setattr(ppo, "load_reward", spy)
+    _run(
+        tiny_llama_dir,
+        tmp_path,
+        None,
+        monkeypatch,
+        f"reward_model={reward_folder}",
+        "reward_model_type=lora",
+        "learning_rate=1e-3",
+        "max_steps=2",
+        "save_steps=1000",
+    )
+    scorer = load_reward_model(str(reward_folder), device="cpu")
+    assert len(calls) == 4  # 2 steps x gradient_accumulation_steps 2
+    for prompts, replies, scores in calls:
+        expected = scorer.score([p + r for p, r in zip(prompts, replies, strict=True)])
+        torch.testing.assert_close(scores, expected)
+    first = torch.cat([calls[0][2], calls[1][2]]).mean().item()
+    assert _steps(tmp_path / "out")[0]["reward"] == pytest.approx(first, abs=1e-5)
+    assert len({round(float(s), 6) for _, _, scores in calls for s in scores}) > 1  # it varies
+
+
+def test_a_wrong_reward_model_is_one_clear_error(tiny_llama_dir, reward_folder, smol_tokenizer):
+    from corral.train import ppo
+    from corral.utils.errors import CorralError
+
+    def config(*keys):
+        return load_config(None, [f"model_name_or_path={tiny_llama_dir}", "dataset=d", *keys])
+
+    wrong_type = config("stage=ppo", f"reward_model={reward_folder}", "reward_model_type=full")
+    with pytest.raises(CorralError, match="is an adapter but reward_model_type is full"):
+        ppo.load_reward(wrong_type, smol_tokenizer)
+    policy_folder = config("stage=ppo", f"reward_model={tiny_llama_dir}", "reward_model_type=full")
+    with pytest.raises(CorralError, match="is not a reward model"):
+        ppo.load_reward(policy_folder, smol_tokenizer)
