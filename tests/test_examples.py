@@ -74,8 +74,10 @@ def test_example_trains_from_the_command_line(path, default_model_dir, tmp_path)
 
     out, extra = tmp_path / "out", []
     if load_config(path).method.reward_model:  # ppo: first the reward model it names
-        train(path.parent / "rm_lora.yaml", tmp_path / "rm")
-        extra = [f"reward_model={tmp_path / 'rm'}", "max_new_tokens=16"]
+        rm_cut = ["cutoff_len=128", "gradient_accumulation_steps=1", "val_size=0"]
+        train(path.parent / "rm_lora.yaml", tmp_path / "rm", *rm_cut)
+        rollouts_cut = ["gradient_accumulation_steps=2", "ppo_epochs=2", "max_new_tokens=8"]
+        extra = [f"reward_model={tmp_path / 'rm'}", *rollouts_cut]
     train(path, out, *extra)
     results = json.loads((out / "train_results.json").read_text())
     assert math.isfinite(results["train_loss"]) and results["real_tokens"] > 0

@@ -413,7 +413,8 @@ STAGE = Stage(
     name="ppo",
     dataset_kind="prompt",
     needs_reference_model=True,
-    needs_value_head=True,
+    # the policy keeps its LM head; its value head is this module's own (`make_trainer`)
+    needs_value_head=False,
     make_collator=lambda pad_token_id: collate_prompts,
     make_trainer=make_trainer,
     after_training=_after_training,
