@@ -171,6 +171,9 @@ class ChatEngine:
         replies = []
         for prompt, row in zip(prompts, out[:, width:].tolist(), strict=True):
             ids = _cut_at_stop(row, self.stop_ids)
+            # a row that ended on a stop string is padded after it, not cut by a stop id
+            while ids and ids[-1] == pad and pad not in self.stop_ids:
+                ids = ids[:-1]
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             replies.append(self._reply(text, prompt, ids, settings, interrupted=False))
         return replies
