@@ -336,12 +336,18 @@ def test_full_ppo_keeps_its_reference_frozen_and_checkpoints_the_value_head(
         monkeypatch,
         "finetuning_type=full",
         "learning_rate=1e-4",
+        "lr_scheduler_type=linear",
         "max_steps=3",
         "save_steps=2",
+        "ppo_buffer_size=2",
         "ppo_score_norm=true",
         "ppo_whiten_rewards=true",
     )
-    kls = [e["kl"] for e in _steps(tmp_path / "out")]
+    steps = _steps(tmp_path / "out")
+    kls = [e["kl"] for e in steps]
+    # the schedule steps once per PPO step (not per minibatch): 3 steps of linear decay
+    assert [e["learning_rate"] for e in steps] == pytest.approx([1e-4, 2e-4 / 3, 1e-4 / 3])
+    assert steps[-1]["epoch"] == pytest.approx(3 * 4 / 4)  # 4 micro-batches a step, 4 an epoch
     # a reference that trained along would keep the KL at 0
     assert kls[0] == pytest.approx(0, abs=1e-4) and abs(kls[-1]) > 1e-4, kls
     checkpoint = tmp_path / "out" / "checkpoint-2"

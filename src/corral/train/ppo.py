@@ -146,6 +146,8 @@ class PPOTrainer(CorralTrainer):
         while self.state.global_step < max_steps and not self.control.should_training_stop:
             self.control = self.callback_handler.on_step_begin(self.args, self.state, self.control)
             logs = self._ppo_step([next(prompts) for _ in range(per_step)])
+            logs["learning_rate"] = self._get_learning_rate()  # the rate this step used
+            self.lr_scheduler.step()  # once per PPO step, as LLaMA-Factory schedules it
             losses.append(logs["loss"])
             self.state.global_step += 1
             self.control = self.callback_handler.on_step_end(self.args, self.state, self.control)
@@ -178,8 +180,7 @@ class PPOTrainer(CorralTrainer):
 
     def _log_and_save(self, logs: dict[str, float]) -> None:
         if self.control.should_log:
-            logs["learning_rate"] = self._get_learning_rate()
-            self.log({k: round(v, 6) for k, v in logs.items()})
+            self.log(logs)
             self.control.should_log = False
         self.control.should_evaluate = False  # a PPO step has no validation loss to compute
         if self.control.should_save:
