@@ -189,6 +189,8 @@ def test_ppo_config_takes_llama_factory_keys():
     method = config.method
     assert (method.ppo_buffer_size, method.ppo_epochs, method.ppo_target) == (2, 2, 3.0)
     assert method.ppo_score_norm and method.ppo_whiten_rewards and config.notes == []
+    [note] = load_config(None, _ppo_keys("val_size=0.1")).notes
+    assert "stage ppo does not validate" in note
 
 
 @pytest.mark.parametrize(
