@@ -323,8 +323,9 @@ def test_ppo_lora_raises_the_reward_of_greedy_replies_to_held_out_prompts(
     assert (out / "training_loss.png").is_file() and (out / "training_reward.png").is_file()
 
 
-def test_full_ppo_keeps_its_reference_frozen_and_checkpoints_the_value_head(
-    tiny_llama_dir, tmp_path, monkeypatch
+@pytest.mark.parametrize("method", ["full", "freeze"])
+def test_full_and_freeze_ppo_keep_the_reference_frozen_and_checkpoint_the_value_head(
+    method, tiny_llama_dir, tmp_path, monkeypatch
 ):
     from corral.train.ppo import VALUE_HEAD_FILE
 
@@ -336,7 +337,7 @@ def test_full_ppo_keeps_its_reference_frozen_and_checkpoints_the_value_head(
         tmp_path,
         reward,
         monkeypatch,
-        "finetuning_type=full",
+        f"finetuning_type={method}",
         "learning_rate=1e-4",
         "lr_scheduler_type=linear",
         "max_steps=3",

@@ -352,7 +352,7 @@ def make_trainer(*, config: CorralConfig, template: Any, model: Any, **kwargs: A
     """The ppo stage's trainer for `model` (after `apply_method`), with its reward, reference
     and a fresh value head (zero-initialised, so every first estimate is 0)."""
     del template  # the chat engine reads the same template from config.model
-    hidden = model.get_output_embeddings().in_features
+    hidden = model.get_input_embeddings().embedding_dim  # (a wrapped LM head may hide it)
     value_head = torch.nn.Linear(hidden, 1, dtype=torch.float32)
     torch.nn.init.zeros_(value_head.weight)
     torch.nn.init.zeros_(value_head.bias)
