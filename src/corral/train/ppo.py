@@ -329,14 +329,11 @@ def _right_pad(
     prompts: list[list[int]], replies: list[list[int]], pad: int, device: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, labels) of prompt + reply rows, right-padded; labels mark the reply tokens."""
-    rows = [torch.tensor(p + r) for p, r in zip(prompts, replies, strict=True)]
-    labels = [
-        torch.tensor([IGNORE_INDEX] * len(p) + r) for p, r in zip(prompts, replies, strict=True)
-    ]
-    ids = pad_sequence(rows, batch_first=True, padding_value=pad)
-    return ids.to(device), pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX).to(
-        device
-    )
+    pairs = list(zip(prompts, replies, strict=True))
+    ids = pad_sequence([torch.tensor(p + r) for p, r in pairs], True, padding_value=pad)
+    labels = [torch.tensor([IGNORE_INDEX] * len(p) + r) for p, r in pairs]
+    labels = pad_sequence(labels, True, padding_value=IGNORE_INDEX)
+    return ids.to(device), labels.to(device)
 
 
 def _rows(flat: torch.Tensor, counts: list[int]) -> torch.Tensor:
