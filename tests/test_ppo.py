@@ -397,10 +397,10 @@ def reward_folder(tiny_llama_dir, tmp_path_factory):
 
 
 def test_a_reward_model_folder_drives_ppo(tiny_llama_dir, reward_folder, tmp_path, monkeypatch):
-    from corral.model.reward import load_reward_model
     from corral.train import ppo
 
     calls, real = [], ppo.load_reward
+    from corral.model.reward import load_reward_model  # stage rm's loader
 
     def spy(config, tokenizer):  # the real reward, recording what it scored
         reward = real(config, tokenizer)
