@@ -23,6 +23,7 @@ def test_examples_exist():
         "dpo_lora.yaml",
         "kto_lora.yaml",
         "rm_lora.yaml",
+        "ppo_lora.yaml",
     } <= names
 
 
@@ -61,17 +62,25 @@ def test_example_trains_from_the_command_line(path, default_model_dir, tmp_path)
     import subprocess
     import sys
 
-    out = tmp_path / "out"
-    overrides = ["max_steps=2", "max_samples=40", "stop_check_samples=0", f"output_dir={out}"]
-    run = subprocess.run(
-        [sys.executable, "-m", "corral", "train", str(path), *overrides],
-        cwd=path.parents[1],
-        env=os.environ,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    def train(example: Path, out: Path, *extra: str) -> None:
+        overrides = ["max_steps=2", "max_samples=40", "stop_check_samples=0", f"output_dir={out}"]
+        run = subprocess.run(
+            [sys.executable, "-m", "corral", "train", str(example), *overrides, *extra],
+            cwd=path.parents[1],
+            env=os.environ,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+
+    out, extra = tmp_path / "out", []
+    if load_config(path).method.reward_model:  # ppo: first the reward model it names
+        rm_cut = ["cutoff_len=128", "gradient_accumulation_steps=1", "val_size=0"]
+        train(path.parent / "rm_lora.yaml", tmp_path / "rm", *rm_cut)
+        rollouts_cut = ["gradient_accumulation_steps=2", "ppo_epochs=2", "max_new_tokens=8"]
+        extra = [f"reward_model={tmp_path / 'rm'}", *rollouts_cut]
+    train(path, out, *extra)
     results = json.loads((out / "train_results.json").read_text())
     assert math.isfinite(results["train_loss"]) and results["real_tokens"] > 0
     assert (out / "corral_config.yaml").is_file() and (out / "corral_run.json").is_file()

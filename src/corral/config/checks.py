@@ -36,6 +36,7 @@ def check_config(config: CorralConfig) -> None:
         _check_reward_model,
         _check_resume,
         _check_eval,
+        _check_ppo,
     ):
         problems.extend(check(config))
     if problems:
@@ -230,6 +231,35 @@ def _check_eval(config: CorralConfig) -> list[str]:
     if (ev.do_eval or ev.do_predict) and not (data.eval_dataset or data.val_size):
         flag = "do_eval" if ev.do_eval else "do_predict"
         problems.append(f"{flag} needs a validation set: set val_size (e.g. 0.1) or eval_dataset")
+    return problems
+
+
+def _check_ppo(config: CorralConfig) -> list[str]:
+    if config.method.stage != "ppo":
+        return []
+    problems = []
+    if not config.method.reward_model:
+        problems.append(
+            "stage: ppo needs reward_model: the output_dir of a stage: rm run (e.g. "
+            "saves/rm-lora), whose scores the policy learns to raise"
+        )
+    if config.train.resume_from_checkpoint is not None:
+        problems.append(
+            "resume_from_checkpoint: stage ppo cannot resume (its value head, KL coefficient "
+            "and score statistics are not restored); start a new run, e.g. with the "
+            "checkpoint's adapter as adapter_name_or_path"
+        )
+    if config.data.packing:
+        problems.append("packing: true does not apply to stage ppo, which answers prompts")
+    if config.eval.do_eval:
+        problems.append(
+            "do_eval measures perplexity on conversations; stage ppo logs reward and kl instead"
+        )
+    if config.data.val_size or config.data.eval_dataset:
+        config.notes.append(
+            "val_size/eval_dataset: stage ppo does not validate during training (it logs the "
+            "reward and KL of its rollouts); the held-out prompts are unused"
+        )
     return problems
 
 

@@ -33,7 +33,7 @@ def opt(
 # Stages corral knows about. Those not in IMPLEMENTED_STAGES are planned; choosing one is an
 # error that says so instead of a silent fallback.
 ALL_STAGES = ("pt", "sft", "rm", "dpo", "kto", "ppo", "grpo")
-IMPLEMENTED_STAGES = ("pt", "sft", "dpo", "kto", "rm")
+IMPLEMENTED_STAGES = ("pt", "sft", "dpo", "kto", "rm", "ppo")
 # LLaMA-Factory users may write these as stages; they mean dpo with this pref_loss.
 STAGE_SHORTHANDS = {"orpo": "orpo", "simpo": "simpo"}
 PREFERENCE_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")

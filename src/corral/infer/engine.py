@@ -140,10 +140,23 @@ class ChatEngine:
             conversations: each a list of OpenAI-style turns ending with a user turn.
             **overrides: GenerationConfig fields for this call only.
         """
+        return self.generate_ids(
+            [self.prompt_ids(messages) for messages in conversations], **overrides
+        )
+
+    def generate_ids(self, prompts: list[list[int]], **overrides: Any) -> list[Reply]:
+        """Answer already rendered prompts (e.g. a dataset's, for rollouts) at once.
+
+        Args:
+            prompts: token ids, each ending with the template's generation prompt.
+            **overrides: GenerationConfig fields for this call only.
+
+        Returns:
+            One `Reply` per prompt; its token_ids end with the stop token when it stopped.
+        """
         import torch
 
         settings = self._settings(overrides)
-        prompts = [self.prompt_ids(messages) for messages in conversations]
         width = max(len(p) for p in prompts)
         self._check_length(width, settings.max_new_tokens)
         pad = self.pad_id()
@@ -154,11 +167,15 @@ class ChatEngine:
             [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device
         )
         kwargs = self._generate_kwargs(settings, None, threading.Event())
+        kwargs["use_cache"] = True  # a model being trained has its config's cache turned off
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
         replies = []
         for prompt, row in zip(prompts, out[:, width:].tolist(), strict=True):
             ids = _cut_at_stop(row, self.stop_ids)
+            # a row that ended on a stop string is padded after it, not cut by a stop id
+            while ids and ids[-1] == pad and pad not in self.stop_ids:
+                ids = ids[:-1]
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             replies.append(self._reply(text, prompt, ids, settings, interrupted=False))
         return replies

@@ -66,6 +66,9 @@ class ProgressCallback(TrainerCallback):
             parts.append(f"loss {self.last['loss']:.4f}")
         if "eval_loss" in self.last:
             parts.append(f"eval_loss {self.last['eval_loss']:.4f}")
+        for key in ("reward", "kl"):  # RL stages: their rollouts' score and KL
+            if key in self.last:
+                parts.append(f"{key} {self.last[key]:.4f}")
         if "learning_rate" in self.last:
             parts.append(f"lr {self.last['learning_rate']:.2e}")
         parts.append(f"{self.meter.tokens_per_second():.0f} tok/s")

@@ -139,13 +139,32 @@ def label_logps(
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[mask]
-    selected, targets = hidden[:, :-1][mask], targets[mask]
+    per_token = token_logps(hidden[:, :-1][mask], targets[mask], head)
+    sums = per_token.new_zeros(labels.shape[0]).index_add(0, rows, per_token)
+    return sums, mask.sum(dim=1)
+
+
+def token_logps(
+    selected: torch.Tensor, targets: torch.Tensor, head: Any | None, temperature: float = 1.0
+) -> torch.Tensor:
+    """The log-probability of each target token, the head run chunk by chunk.
+
+    Args:
+        selected: (n, hidden) hidden states at the positions that predict `targets`, or
+            (n, vocab) logits when `head` is None.
+        targets: (n,) token ids.
+        head: the output projection, or None.
+        temperature: the logits are divided by it (the distribution sampling drew from).
+
+    Returns:
+        (n,) fp32 log-probs, differentiable.
+    """
     pieces = [selected.new_zeros(0, dtype=torch.float32)]
     for start in range(0, targets.numel(), CHUNK_TOKENS):
         chunk = selected[start : start + CHUNK_TOKENS]
         logits = (chunk if head is None else head(chunk)).float()
+        if temperature != 1.0:
+            logits = logits / temperature
         picked = logits.gather(1, targets[start : start + CHUNK_TOKENS, None]).squeeze(1)
         pieces.append(picked - torch.logsumexp(logits, dim=-1))
-    per_token = torch.cat(pieces)
-    sums = per_token.new_zeros(labels.shape[0]).index_add(0, rows, per_token)
-    return sums, mask.sum(dim=1)
+    return torch.cat(pieces)

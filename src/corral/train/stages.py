@@ -35,6 +35,8 @@ class Stage:
             data_collator, processing_class, callbacks, meter, stage_loss) plus config and
             template, returns the `transformers.Trainer` whose train() runs the stage.
             None: `CorralTrainer`.
+        plot_metrics: logged values drawn next to the loss when plot_loss is on, each in
+            training_<name>.png (ppo: reward).
     """
 
     name: str
@@ -45,12 +47,13 @@ class Stage:
     make_loss: Callable[..., Callable[..., Any]] | None = None
     make_collator: Callable[[int], Any] | None = None
     make_trainer: Callable[..., Any] | None = None
+    plot_metrics: tuple[str, ...] = ()
 
 
 def get_stage(name: str) -> Stage:
     """The table row for a stage (the config layer has already rejected unknown names)."""
-    from corral.train import dpo, kto, pt, rm, sft
+    from corral.train import dpo, kto, ppo, pt, rm, sft
 
-    rows = (pt.STAGE, sft.STAGE, rm.STAGE, dpo.STAGE, kto.STAGE)
+    rows = (pt.STAGE, sft.STAGE, rm.STAGE, dpo.STAGE, kto.STAGE, ppo.STAGE)
     table = {stage.name: stage for stage in rows}
     return table[name]

@@ -152,7 +152,8 @@ def _finish(config, trainer, result, meter, stage, model_config, template, data)
     trainer.save_metrics("train", metrics, combined=False)
     if (
         config.output.plot_loss
-        and plot_loss(trainer.state.log_history, config.output.output_dir) is None
+        and plot_loss(trainer.state.log_history, config.output.output_dir, stage.plot_metrics)
+        is None
     ):
         get_logger().warning(
             "plot_loss: no loss was logged (logging_steps is above the step count)"
