@@ -47,7 +47,7 @@ class Stage:
 
 def get_stage(name: str) -> Stage:
     """The table row for a stage (the config layer has already rejected unknown names)."""
-    from corral.train import dpo, pt, sft
+    from corral.train import dpo, grpo, pt, sft
 
-    table = {stage.name: stage for stage in (pt.STAGE, sft.STAGE, dpo.STAGE)}
+    table = {stage.name: stage for stage in (pt.STAGE, sft.STAGE, dpo.STAGE, grpo.STAGE)}
     return table[name]
