@@ -80,6 +80,12 @@ def test_bad_reward_funcs_are_one_error_naming_key_and_value(rewards_module):
         (["stage=grpo", "reward_funcs=m:f", "temperature=0"], "temperature: 0 means greedy"),
         (["stage=grpo", "reward_funcs=m:f", "ref_model=/m"], "ref_model: grpo's reference"),
         (["stage=grpo", "reward_funcs=m:f", "packing=true"], "packing: true does not apply"),
+        (
+            ["stage=grpo", "reward_funcs=m:f", "grpo_beta=0.1", "finetuning_type=full"]
+            + ["adapter_name_or_path=/sft"],
+            "the KL reference would be the base without the adapter",
+        ),
+        (["stage=grpo", "reward_model=/rm", "reward_funcs=m:f"], "reward_model: scoring grpo"),
         (["stage=grpo", "reward_funcs=m:f", "grpo_beta=-1"], "grpo_beta: must be >= 0"),
         (["stage=grpo", "reward_funcs=m:f", "num_generations=1"], "num_generations: must be >= 2"),
     ],

@@ -200,6 +200,17 @@ def _check_grpo(config: CorralConfig) -> list[str]:
             "ref_model: grpo's reference is the model as loaded (used when grpo_beta > 0); "
             "remove ref_model and ref_model_adapters"
         )
+    if (
+        method.grpo_beta > 0
+        and method.finetuning_type != "lora"
+        and config.model.adapter_name_or_path
+    ):
+        # TRL reloads the reference from the base folder, without the merged adapter
+        problems.append(
+            "grpo_beta > 0 with finetuning_type full/freeze on top of adapter_name_or_path: "
+            "the KL reference would be the base without the adapter; export the merged model "
+            "and train from it, use finetuning_type: lora, or set grpo_beta: 0"
+        )
     if config.data.packing:
         problems.append("packing: true does not apply to stage grpo (it trains on prompts)")
     if config.eval.do_eval:
