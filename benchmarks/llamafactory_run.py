@@ -6,6 +6,8 @@
 batch a training step consumed: LLaMA-Factory's collator sees each row unpadded (a packed row
 is several examples already joined), so the count is taken there and travels with its batch
 (the dataloader prefetches, so a count taken at collation alone would be one batch ahead).
+The count is taken in the collator both stages share (sft's rows; dpo's chosen and rejected rows,
+which its pairwise collator hands over unpadded, concatenated).
 The Trainer's own `include_num_input_tokens_seen` cannot do it: "all" counts padding, and
 with neat_packing the attention mask holds segment ids, then a 4-D mask.
 """
@@ -46,7 +48,7 @@ def _popping(step):
 
 if __name__ == "__main__":
     config, counts = sys.argv[1], sys.argv[2]
-    lf_collator = collator.SFTDataCollatorWith4DAttentionMask
+    lf_collator = collator.MultiModalDataCollatorForSeq2Seq
     lf_collator.__call__ = _counting(lf_collator.__call__)
     transformers.Trainer.training_step = _popping(transformers.Trainer.training_step)
     with open(config, encoding="utf-8") as f:

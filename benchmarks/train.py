@@ -6,6 +6,7 @@
     python benchmarks/train.py --device cuda --dtype bf16 --batch 16 --model tiny-1b
     python benchmarks/train.py --smoke                  # 2 steps on a tiny model (CI)
     python benchmarks/train.py --profile --steps 8      # where each system's time goes
+    python benchmarks/train.py --stage dpo --with-llamafactory   # DPO: 64 pairs of dpo_en_demo
 
 Every measurement runs in a fresh worker process (so peak memory is its own), interleaved
 (A B A B ...) after one warm-up run of each system, and the table shows the median of the
@@ -57,6 +58,7 @@ class Workload:
     """What every system trains on: the same everywhere."""
 
     model: str = "default"  # default | tiny | tiny-1b | a Hugging Face folder
+    stage: str = "sft"  # sft | dpo (then the dataset, samples, steps and lr of DPO_DEFAULTS)
     dataset_dir: str = str(DEMO_DIR)
     dataset: str = "alpaca_en_demo"
     samples: int = 256
@@ -68,6 +70,13 @@ class Workload:
     seed: int = 42
     device: str = "cpu"
     dtype: str = "fp32"
+
+
+# The dpo workload: LoRA DPO (sigmoid, beta 0.1) on the first 64 pairs of dpo_en_demo, each
+# pair seen once, at LLaMA-Factory's example learning rate.
+DPO_DEFAULTS = {"dataset": "dpo_en_demo", "samples": 64, "steps": 16, "learning_rate": 5e-6}
+# Which kind of data each stage's corral run tokenises (as its stage table row says).
+KINDS = {"sft": "conversation", "dpo": "preference"}
 
 
 def main() -> None:
@@ -96,6 +105,10 @@ def main() -> None:
     # the workers are started without the flag and read it from here
     os.environ.setdefault("CORRAL_BENCH_LF_VENV", str(args.llamafactory_venv))
     workload = Workload(**{k: getattr(args, k) for k in asdict(Workload())})
+    if workload.stage not in KINDS:
+        parser.error(f"--stage {workload.stage}: choose from {', '.join(KINDS)}")
+    if workload.stage == "dpo" and not args.worker:
+        _stage_defaults(workload, DPO_DEFAULTS)
     if args.worker:
         worker = WORKERS[args.worker.split("-")[0]]
         result = profiled(worker, args.worker, workload) if args.profile else None
@@ -108,6 +121,9 @@ def main() -> None:
     if workload.steps * workload.batch > workload.samples:
         parser.error("--steps x --batch must not exceed --samples: every system sees each once")
     systems = args.systems.split(",")
+    if workload.stage == "dpo":
+        # the hand-written reference loop is an sft loop; DPO compares with LLaMA-Factory
+        systems = [s for s in systems if s == "corral-lora"] or ["corral-lora"]
     if args.with_llamafactory:
         systems += ["llamafactory-defaults", "llamafactory-tuned"]
     unknown = sorted(set(systems) - set(SYSTEMS))
@@ -121,6 +137,13 @@ def main() -> None:
         profile_systems(workload, [s for s in systems if not s.startswith("llamafactory")])
         return
     run_benchmark(workload, systems, args.repeats, not args.smoke, args.tokenizer)
+
+
+def _stage_defaults(workload: Workload, defaults: dict) -> None:
+    """The stage's workload values wherever the command line kept the sft default."""
+    for name, value in defaults.items():
+        if getattr(workload, name) == getattr(Workload(), name):
+            setattr(workload, name, value)
 
 
 def run_benchmark(
@@ -245,6 +268,8 @@ def _corral_overrides(workload: Workload, method: str) -> list[str]:
         "report_to=none",
         f"device={workload.device}",
         f"bf16={workload.dtype == 'bf16'}",
+        f"stage={workload.stage}",
+        *(["pref_beta=0.1", "pref_loss=sigmoid"] if workload.stage == "dpo" else []),
     ]
 
 
@@ -329,7 +354,9 @@ def _same_batches(workload: Workload):
     config = load_config(None, [*_corral_overrides(workload, "lora"), "output_dir=unused"])
     tokenizer = load_tokenizer(workload.model)
     template = get_template(None, tokenizer)
-    data = build_dataset(config.data, tokenizer, template, kind="conversation", seed=workload.seed)
+    data = build_dataset(
+        config.data, tokenizer, template, kind=KINDS[workload.stage], seed=workload.seed
+    )
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in data.train]
     generator = torch.Generator().manual_seed(workload.seed)
     order = get_length_grouped_indices(data.train["length"], workload.batch, generator=generator)
@@ -344,7 +371,7 @@ def llamafactory_worker(system: str, workload: Workload) -> dict:
     with tempfile.TemporaryDirectory() as out:
         config = {
             "model_name_or_path": workload.model,
-            "stage": "sft",
+            "stage": workload.stage,
             "do_train": True,
             "finetuning_type": "lora",
             "lora_rank": workload.lora_rank,
@@ -372,8 +399,12 @@ def llamafactory_worker(system: str, workload: Workload) -> dict:
             "report_to": "none",
             "bf16": workload.dtype == "bf16",
         }
-        if tuned:
-            config.update(packing=True, neat_packing=True, disable_gradient_checkpointing=True)
+        if workload.stage == "dpo":
+            config.update(pref_beta=0.1, pref_loss="sigmoid")
+        if tuned:  # pairs are not packed
+            config.update(disable_gradient_checkpointing=True)
+            if workload.stage == "sft":
+                config.update(packing=True, neat_packing=True)
         path = Path(out) / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         started = time.perf_counter()
@@ -508,7 +539,8 @@ def preprocessing(workload: Workload) -> str:
         "for fresh in (True, False):\n"
         f"    c = load_config(None, ['dataset={workload.dataset}', 'dataset_dir={workload.dataset_dir}',"
         f" 'cutoff_len={workload.cutoff}', f'overwrite_cache={{fresh}}', 'output_dir=unused'])\n"
-        "    t = time.perf_counter(); build_dataset(c.data, tok, tpl, kind='conversation', seed=0)\n"
+        "    t = time.perf_counter()\n"
+        f"    build_dataset(c.data, tok, tpl, kind={KINDS[workload.stage]!r}, seed=0)\n"
         "    times.append(time.perf_counter() - t)\n"
         "print(json.dumps(times))\n"
     )

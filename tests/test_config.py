@@ -63,9 +63,10 @@ def test_llamafactory_yaml_runs_unchanged(tmp_path):
     assert config.train.gradient_accumulation_steps == 8
     assert config.output.report_to == ["none"]
     assert config.train.bf16 is True
-    # Keys corral does not support yet give one warning that lists them all.
+    # Keys that cannot change the result give one warning that lists them all.
     assert config.notes == [
-        "ignoring LLaMA-Factory keys corral does not support yet: ddp_timeout, do_train, save_only_model"
+        "ignoring keys that do not change what corral trains or writes: ddp_timeout, do_train, "
+        "save_only_model"
     ]
 
 
@@ -115,7 +116,6 @@ def test_unknown_key_far_from_anything_has_no_suggestion():
             "finetuning_type: 'lorra' is not one of: full, freeze, lora (did you mean 'lora'?)",
         ),
         ("lr_scheduler_type=cosin", "'cosin' is not one of"),
-        ("stage=kto", "stage: 'kto' is planned but not available"),
         ("dataset=", None),
     ],
 )
@@ -126,6 +126,15 @@ def test_each_invalid_value_is_named(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+def test_a_planned_stage_is_refused_by_name(monkeypatch):
+    from corral.config import checks
+
+    # the mechanism, whichever stages this version has built
+    monkeypatch.setattr(checks, "IMPLEMENTED_STAGES", ("pt", "sft"))
+    with pytest.raises(ConfigError, match="stage: 'dpo' is planned but not available"):
+        load_config(None, ["stage=dpo"])
 
 
 def test_all_problems_are_reported_together():
@@ -208,3 +217,92 @@ def test_replace_revalidates():
     assert config.replace(lora_rank=8).method.lora_rank == 8
     with pytest.raises(ConfigError):
         config.replace(lora_rank=0)
+
+
+# --- LLaMA-Factory keys corral does not implement: harmless ones warn, the rest are errors ----
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("quantization_bit=4", "QLoRA"),
+        ("deepspeed=ds_z3.json", "one process"),
+        ("rope_scaling=linear", "RoPE scaling"),
+        ("new_special_tokens=<a>,<b>", "adding tokens"),
+        ("loraplus_lr_ratio=16", "LoRA+"),
+        ("pissa_init=true", "PiSSA"),
+        ("use_galore=true", "AdamW"),
+        ("galore_rank=16", "AdamW"),
+        ("adam_beta2=0.95", "AdamW"),
+        ("label_smoothing_factor=0.1", "label smoothing"),
+        ("load_best_model_at_end=true", "saves the last model"),
+        ("dataloader_drop_last=true", "last partial batch"),
+        ("tool_format=qwen", "tool-calling"),
+        ("num_beams=4", "greedily or by sampling"),
+        ("export_quantization_bit=4", "GPTQ"),
+        ("auto_find_batch_size=true", "per_device_train_batch_size"),
+    ],
+)
+def test_keys_that_would_change_the_result_are_errors(override, named):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert message.count("would change what is trained or produced") == 1
+    assert f"  - {key}: " in message and named in message
+
+
+def test_refused_keys_at_their_off_value_change_nothing_and_pass():
+    config = load_config(
+        None,
+        [
+            "quantization_bit=",  # null in YAML
+            "use_unsloth=false",
+            "deepspeed=",
+            "num_beams=1",
+            "adam_beta1=0.9",
+            "infer_backend=huggingface",
+            "loraplus_lr_ratio=",
+        ],
+    )
+    assert config.notes == [
+        "ignoring keys that do not change what corral trains or writes: adam_beta1, deepspeed, "
+        "infer_backend, loraplus_lr_ratio, num_beams, quantization_bit, use_unsloth"
+    ]
+
+
+def test_every_refused_key_reaches_an_error_and_harmless_keys_only_warn():
+    from corral.config.lf_keys import HARMLESS_KEYS, REFUSED_KEYS
+
+    for key in REFUSED_KEYS:
+        with pytest.raises(ConfigError, match=f"{key}: 'xyz' would change"):
+            load_config(None, [f"{key}=xyz"])
+    harmless = sorted(HARMLESS_KEYS)[:40]
+    config = load_config(None, [f"{key}=x" for key in harmless if key != "do_train"])
+    assert config.notes and all(key in config.notes[0] for key in harmless if key != "do_train")
+
+
+def test_implemented_llamafactory_keys_map_onto_corral_settings():
+    config = load_config(
+        None,
+        [
+            "neat_packing=true",
+            "enable_liger_kernel=true",
+            "use_cpu=true",
+            "create_new_adapter=true",
+            "export_dir=out",
+            "export_size=5",
+        ],
+    )
+    assert config.data.packing is True and config.train.fused_ops is True
+    assert config.model.device == "cpu" and config.method.create_new_adapter is True
+    assert (config.export.export_dir, config.export.export_size) == ("out", 5)
+    assert config.notes == []
+    # their LLaMA-Factory defaults leave corral's defaults alone
+    defaults = load_config(None, ["neat_packing=false", "enable_liger_kernel=false"])
+    assert defaults.data.packing is False and defaults.train.fused_ops is True
+
+
+def test_an_unknown_training_argument_is_refused_by_default():
+    with pytest.raises(ConfigError, match="TrainingArguments option corral does not pass"):
+        load_config(None, ["liger_kernel_config=x"])

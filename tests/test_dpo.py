@@ -182,7 +182,6 @@ def test_dpo_config_is_accepted_with_llama_factory_keys():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["stage=kto"], "stage: 'kto' is planned but not available"),
         (
             ["stage=dpo", "pref_loss=dpp"],
             "pref_loss: 'dpp' is not one of: sigmoid, hinge, ipo, orpo, simpo",

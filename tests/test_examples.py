@@ -21,6 +21,7 @@ def test_examples_exist():
         "sft_freeze.yaml",
         "pt_wiki.yaml",
         "dpo_lora.yaml",
+        "kto_lora.yaml",
         "grpo_lora.yaml",
     } <= names
 

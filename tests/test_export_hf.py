@@ -147,3 +147,27 @@ def test_existing_output_is_refused_and_partial_output_removed(
         export(ModelConfig(adapter_name_or_path=[str(lora_dir)]), out, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp folder left
     assert (out / "keep.txt").read_text() == "mine"  # the old output survives a failure
+
+
+def test_llamafactory_export_yaml_runs_with_corral_export(lora_dir, tmp_path, capsys, caplog):
+    """LLaMA-Factory's merge YAML (export_dir, export_size, export_device) drives `corral
+    export`; its harmless keys are listed in the one warning, a refused one is an error."""
+    out = tmp_path / "merged"
+    yaml_file = tmp_path / "merge_lora.yaml"
+    yaml_file.write_text(
+        f"adapter_name_or_path: {lora_dir}\nfinetuning_type: lora\nexport_dir: {out}\n"
+        "export_size: 1\nexport_device: cpu\nexport_legacy_format: false\n"
+        "export_hub_model_id: me/model\n"
+    )
+    assert main(["export", str(yaml_file)]) == 0
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+    warned = caplog.text
+    assert "ignoring keys that do not change what corral trains or writes:" in warned
+    assert "export_hub_model_id" in warned
+    yaml_file.write_text(yaml_file.read_text() + "export_quantization_bit: 4\n")
+    assert main(["export", str(yaml_file), "--overwrite"]) == 1
+    assert "export_quantization_bit: 4 would change what is trained or produced" in (
+        capsys.readouterr().err
+    )
+    assert main(["export", f"adapter_name_or_path={lora_dir}"]) == 1
+    assert "corral export needs --output (or export_dir in the config)" in capsys.readouterr().err

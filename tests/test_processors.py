@@ -247,9 +247,13 @@ def test_lm_packing_splits_long_documents_into_pieces(smol_tokenizer, chatml):
     )
 
 
-def test_unknown_and_planned_kinds_and_mismatched_records_are_errors():
-    with pytest.raises(DataError, match="'unpaired_preference' is not implemented yet"):
-        processor_for("unpaired_preference")
+def test_unknown_and_planned_kinds_and_mismatched_records_are_errors(monkeypatch):
+    from corral.data.processors import pipeline
+
+    # the mechanism, whichever kinds this version has built
+    monkeypatch.setattr(pipeline, "PLANNED_KINDS", ("multimodal",))
+    with pytest.raises(DataError, match="'multimodal' is not implemented yet"):
+        processor_for("multimodal")
     with pytest.raises(
         DataError, match="unknown dataset kind 'conversaton'.*did you mean 'conversation'"
     ):

@@ -337,3 +337,36 @@ def test_stop_rate_is_reported_and_warns(tiny_llama_dir, sft_file, tmp_path, cap
     assert saved["stop_rate"] == metrics["stop_rate"] == 0.0
     assert "stop rate: 0% of 3 greedy replies" in caplog.text
     assert "the tuned model often does not stop" in caplog.text
+
+
+def test_a_new_adapter_on_an_sft_adapter_loads_with_it(tiny_llama_dir, sft_file, tmp_path):
+    """create_new_adapter merges the sft adapter and trains a new one; naming the new adapter
+    alone loads the chain (its run info records the adapter under it), as training saw it."""
+    from corral.config.fields import ModelConfig
+    from corral.model.load import load_model
+
+    sft, top = tmp_path / "sft", tmp_path / "top"
+    run_training(_config(tiny_llama_dir, sft_file, sft, "max_steps=3", "lora_rank=4"))
+    run_training(
+        _config(
+            tiny_llama_dir,
+            sft_file,
+            top,
+            "max_steps=3",
+            "lora_rank=4",
+            f"adapter_name_or_path={sft}",
+            "create_new_adapter=true",
+        )
+    )
+    info = json.loads((top / "corral_run.json").read_text())
+    assert info["base_adapters"] == [str(sft.resolve())]
+    ids = torch.tensor([[5, 17, 42, 7, 99]])
+
+    def logits(*adapters):
+        config = ModelConfig(str(tiny_llama_dir), adapter_name_or_path=list(adapters), device="cpu")
+        model, _ = load_model(config)
+        return model(ids).logits
+
+    alone, chain = logits(str(top)), logits(str(sft), str(top))
+    assert torch.allclose(alone, chain, atol=1e-6)
+    assert not torch.allclose(alone, logits(str(sft)), atol=1e-4)  # the new adapter counts

@@ -141,10 +141,38 @@ def _note_other_stage_keys(config: CorralConfig) -> list[str]:
     return []
 
 
+# What a preference stage batches together, which packing would split.
+_BATCHED_TOGETHER = {
+    "dpo": "a chosen and a rejected reply share a prompt and are batched as a pair",
+    "kto": "each reply is batched with its KL row (its prompt with another record's reply)",
+}
+
+
 def _check_preference(config: CorralConfig) -> list[str]:
     method = config.method
-    if method.stage != "dpo":
+    if method.stage not in _BATCHED_TOGETHER:
         return []
+    problems = _check_dpo_loss(method) if method.stage == "dpo" else []
+    if method.ref_model_adapters and not method.ref_model:
+        problems.append(
+            "ref_model_adapters are loaded on top of ref_model: set ref_model too (without "
+            "it the reference is the model being trained, as loaded)"
+        )
+    if config.data.packing:
+        problems.append(
+            f"packing: true does not apply to stage {method.stage}: "
+            f"{_BATCHED_TOGETHER[method.stage]}; remove packing"
+        )
+    if config.eval.do_eval:
+        problems.append(
+            f"do_eval measures perplexity on conversations; with stage {method.stage} set "
+            "val_size or eval_dataset and the validation loss and rewards are logged during "
+            "training"
+        )
+    return problems
+
+
+def _check_dpo_loss(method: MethodConfig) -> list[str]:
     problems = []
     if method.dpo_label_smoothing > 0 and method.pref_loss != "sigmoid":
         problems.append(
@@ -156,21 +184,6 @@ def _check_preference(config: CorralConfig) -> list[str]:
         problems.append(
             f"pref_loss: {method.pref_loss} uses no reference model; remove ref_model and "
             "ref_model_adapters (or choose sigmoid, hinge or ipo)"
-        )
-    if method.ref_model_adapters and not method.ref_model:
-        problems.append(
-            "ref_model_adapters are loaded on top of ref_model: set ref_model too (without "
-            "it the reference is the model being trained, as loaded)"
-        )
-    if config.data.packing:
-        problems.append(
-            "packing: true does not apply to stage dpo: a chosen and a rejected reply share "
-            "a prompt and are batched as a pair; remove packing"
-        )
-    if config.eval.do_eval:
-        problems.append(
-            "do_eval measures perplexity on conversations; with stage dpo set val_size or "
-            "eval_dataset and the validation loss and rewards are logged during training"
         )
     return problems
 

@@ -33,7 +33,7 @@ def opt(
 # Stages corral knows about. Those not in IMPLEMENTED_STAGES are planned; choosing one is an
 # error that says so instead of a silent fallback.
 ALL_STAGES = ("pt", "sft", "rm", "dpo", "kto", "ppo", "grpo")
-IMPLEMENTED_STAGES = ("pt", "sft", "dpo", "grpo")
+IMPLEMENTED_STAGES = ("pt", "sft", "dpo", "kto", "grpo")
 # LLaMA-Factory users may write these as stages; they mean dpo with this pref_loss.
 STAGE_SHORTHANDS = {"orpo": "orpo", "simpo": "simpo"}
 PREFERENCE_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
@@ -161,17 +161,22 @@ class MethodConfig:
     additional_target: list[str] | None = opt(
         None, "Modules trained in full next to LoRA (e.g. embed_tokens,lm_head when adding tokens)."
     )
+    create_new_adapter: bool = opt(
+        False,
+        "lora with adapter_name_or_path: merge every given adapter into the base and train a "
+        "new one (default: the last adapter continues training).",
+    )
     use_dora: bool = opt(False, "Use DoRA (weight-decomposed LoRA).")
     use_rslora: bool = opt(False, "Use rank-stabilised LoRA scaling (alpha / sqrt(rank)).")
     pref_beta: float = opt(
         0.1,
-        "dpo: beta, how far the policy may move from the reference (smaller: further).",
+        "dpo, kto: beta, how far the policy may move from the reference (smaller: further).",
         gt=0,
     )
     pref_ftx: float = opt(
         0.0,
-        "dpo: weight of the SFT loss (per-token NLL of the chosen reply) added to the "
-        "preference loss.",
+        "dpo, kto: weight of the SFT loss (per-token NLL of the chosen reply; kto: of the "
+        "desirable replies) added to the preference loss.",
         ge=0,
     )
     pref_loss: str = opt(
@@ -190,11 +195,11 @@ class MethodConfig:
     )
     ref_model: str | None = opt(
         None,
-        "dpo: a separate reference model folder. Empty: the model as loaded before training "
+        "dpo, kto: a separate reference model folder. Empty: the model as loaded before training "
         "(with LoRA the base with the adapter switched off, else a frozen copy).",
     )
     ref_model_adapters: list[str] | None = opt(
-        None, "dpo: adapter folders loaded on top of ref_model (comma-separated)."
+        None, "dpo, kto: adapter folders loaded on top of ref_model (comma-separated)."
     )
     kto_chosen_weight: float = opt(1.0, "kto: weight of the losses of desirable replies.", gt=0)
     kto_rejected_weight: float = opt(1.0, "kto: weight of the losses of undesirable replies.", gt=0)
@@ -357,6 +362,21 @@ class EvalConfig:
     )
 
 
+@dataclass
+class ExportConfig:
+    export_dir: str | None = opt(
+        None, "corral export: the folder (or .gguf file) to write, when --output is not given."
+    )
+    export_size: int | None = opt(
+        None, "corral export: the largest safetensors shard in GB (empty: 2).", ge=1
+    )
+    export_device: str | None = opt(
+        None,
+        "corral export: where adapters are merged: cpu or auto (empty: the device key).",
+        choices=("cpu", "auto"),
+    )
+
+
 GROUPS = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -365,6 +385,7 @@ GROUPS = {
     "output": OutputConfig,
     "generation": GenerationConfig,
     "eval": EvalConfig,
+    "export": ExportConfig,
 }
 
 

@@ -16,7 +16,7 @@ import yaml
 
 from corral.config.checks import check_config
 from corral.config.fields import GROUPS, STAGE_SHORTHANDS, all_fields
-from corral.config.lf_keys import is_llamafactory_key
+from corral.config.lf_keys import classify, refusal_message
 from corral.utils.errors import ConfigError
 from corral.utils.suggest import did_you_mean
 
@@ -35,6 +35,7 @@ class CorralConfig:
     output: Any
     generation: Any
     eval: Any
+    export: Any
     # Warnings found while parsing (unsupported LLaMA-Factory keys); not part of the config.
     notes: list[str] = dataclasses.field(default_factory=list, compare=False)
 
@@ -132,6 +133,15 @@ _ALIASES = {
     "disable_gradient_checkpointing": lambda v: {"gradient_checkpointing": not _to_bool_loose(v)},
     "infer_dtype": lambda v: {"dtype": v},
     "do_sample": lambda v: {} if _to_bool_loose(v) else {"temperature": 0.0},
+    # corral's packing always keeps examples from attending to each other (LLaMA-Factory's
+    # neat_packing); neat_packing asks for packing, as it does in LLaMA-Factory
+    "neat_packing": lambda v: {"packing": True} if _to_bool_loose(v) else {},
+    # Liger's fused kernels and corral's fused ops compute the same maths with less memory (its
+    # default, false, leaves corral's default on: a speed choice, not a different result)
+    "enable_liger_kernel": lambda v: {"fused_ops": True} if _to_bool_loose(v) else {},
+    "use_liger_kernel": lambda v: {"fused_ops": True} if _to_bool_loose(v) else {},
+    "use_cpu": lambda v: {"device": "cpu"} if _to_bool_loose(v) else {},
+    "activation_checkpointing": lambda v: {"gradient_checkpointing": v},
     # stage: orpo / simpo are dpo with that reference-free loss
     "stage": lambda v: {"stage": "dpo", "pref_loss": v} if v in STAGE_SHORTHANDS else {"stage": v},
 }
@@ -149,8 +159,10 @@ def build_config(raw: dict[str, Any]) -> CorralConfig:
             converted = _convert(key, value, f, problems)
             if converted is not _INVALID:
                 values[group][key] = converted
-        elif is_llamafactory_key(key):
+        elif (kind := classify(key, value)) == "harmless":
             unsupported.append(key)
+        elif kind == "refused":
+            problems.append(refusal_message(key, value))
         else:
             problems.append(f"unknown key '{key}'{did_you_mean(key, table)}")
     if problems:
@@ -158,7 +170,7 @@ def build_config(raw: dict[str, Any]) -> CorralConfig:
     config = CorralConfig(**{g: GROUPS[g](**values[g]) for g in GROUPS})
     if unsupported:
         config.notes.append(
-            "ignoring LLaMA-Factory keys corral does not support yet: "
+            "ignoring keys that do not change what corral trains or writes: "
             + ", ".join(sorted(unsupported))
         )
     check_config(config)

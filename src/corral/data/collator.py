@@ -3,7 +3,8 @@
     collate = Collator(pad_token_id=tokenizer.pad_token_id)
     batch = collate([dataset[0], dataset[1]])
 
-Preference pairs (`PairCollator`) become two rows each, chosen rows first.
+Preference pairs (`PairCollator`) become two rows each, chosen rows first; unpaired (KTO)
+examples (`UnpairedCollator`) keep their KL rows beside them, with their labels.
 
 Unpacked examples are padded on the right to the longest one and get an attention_mask.
 Packed rows (they carry position_ids) get no attention_mask, so transformers builds the
@@ -107,3 +108,39 @@ class PairCollator:
             for f in features
         ]
         return self.pad(rows)
+
+
+class UnpairedCollator:
+    """Pads unpaired (KTO) examples and their KL rows to one width, with each reply's label.
+
+    The batch holds input_ids and labels (the examples), kl_input_ids and kl_labels (their
+    mismatched KL rows, see `corral.data.processors.unpaired`), kto_label (bool: the reply is
+    desirable) and num_real_tokens over both, as the model runs over both. One width lets the
+    reference score examples and KL rows in one forward.
+
+    Args:
+        pad_token_id: As for `Collator`.
+        pad_to_multiple_of: As for `Collator`.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8):
+        self.pad = Collator(pad_token_id, pad_to_multiple_of)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        """Pad the examples and their kl_* rows; carry kto_label as a bool tensor."""
+        import torch
+
+        rows = [
+            {"input_ids": f[f"{prefix}input_ids"], "labels": f[f"{prefix}labels"]}
+            for prefix in ("", "kl_")
+            for f in features
+        ]
+        padded, n = self.pad(rows), len(features)
+        return {
+            "input_ids": padded["input_ids"][:n],
+            "labels": padded["labels"][:n],
+            "kl_input_ids": padded["input_ids"][n:],
+            "kl_labels": padded["labels"][n:],
+            "kto_label": torch.tensor([bool(f["kto_label"]) for f in features]),
+            "num_real_tokens": padded["num_real_tokens"],
+        }

@@ -12,9 +12,12 @@ the output appears only when complete, and an existing one is replaced only with
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from corral.config.cli_args import add_config_args, config_from_args
+from corral.utils.errors import ConfigError
+from corral.utils.log import get_logger
 
 FLAGS = {
     "--model": "model_name_or_path",
@@ -38,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             flag, dest=key, default=None, help=table[key][1].metadata["help"], **kwargs
         )
     parser.add_argument(
-        "--output", required=True, help="The folder (hf) or .gguf file (gguf) to write."
+        "--output",
+        default=None,
+        help="The folder (hf) or .gguf file (gguf) to write (or export_dir in the config).",
     )
     parser.add_argument(
         "--format",
@@ -55,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "q8_0 is half the size of f16; for k-quants run llama.cpp's llama-quantize on the f16 file.",
     )
     parser.add_argument(
-        "--max-shard-size", default="2GB", help="hf: largest safetensors shard (default 2GB)."
+        "--max-shard-size",
+        default=None,
+        help="hf: largest safetensors shard (default: export_size GB, else 2GB).",
     )
     parser.add_argument(
         "--dtype",
@@ -71,13 +78,22 @@ def run(args: argparse.Namespace) -> int:
     from corral.export.export import export
 
     config = config_from_args(args, {key: getattr(args, key) for key in FLAGS.values()})
-    fmt = args.format or ("gguf" if args.output.lower().endswith(".gguf") else "hf")
+    for note in config.notes:
+        get_logger().warning(note)
+    settings = config.export
+    output = args.output or settings.export_dir
+    if output is None:
+        raise ConfigError(["corral export needs --output (or export_dir in the config)"])
+    model = config.model
+    if settings.export_device is not None:
+        model = replace(model, device="cpu" if settings.export_device == "cpu" else "auto")
+    fmt = args.format or ("gguf" if output.lower().endswith(".gguf") else "hf")
     export(
-        config.model,
-        Path(args.output),
+        model,
+        Path(output),
         fmt=fmt,
         quant=args.quant,
-        max_shard_size=args.max_shard_size,
+        max_shard_size=args.max_shard_size or f"{settings.export_size or 2}GB",
         dtype=args.dtype,
         overwrite=args.overwrite,
     )

@@ -20,16 +20,18 @@ def apply_method(model: Any, method: MethodConfig, adapters: list[str] | None = 
         model: the loaded base model (adapters not merged).
         method: the finetuning settings.
         adapters: existing adapter folders; with LoRA all but the last are merged into the base
-            and the last one continues training; with full/freeze they are all merged.
+            and the last one continues training (with create_new_adapter all are merged and a
+            new adapter is trained); with full/freeze they are all merged.
 
     Returns:
         The model to train (a `PeftModel` for LoRA).
     """
     if adapters:
-        keep_last = method.finetuning_type == "lora"
+        keep_last = method.finetuning_type == "lora" and not method.create_new_adapter
         model = merge_adapters(model, adapters[:-1] if keep_last else adapters)
     if method.finetuning_type == "lora":
-        model = _attach_lora(model, method, adapters[-1] if adapters else None)
+        resumed = adapters[-1] if adapters and not method.create_new_adapter else None
+        model = _attach_lora(model, method, resumed)
     elif method.finetuning_type == "freeze":
         _freeze_all_but(model, _freeze_trainable_names(model, method))
     else:

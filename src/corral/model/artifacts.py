@@ -20,6 +20,8 @@ from corral import __version__
 from corral.utils.errors import ModelError
 
 RUN_INFO = "corral_run.json"
+# Adapters merged into the base before a LoRA adapter was trained (it only works on top of them).
+BASE_ADAPTERS = "base_adapters"
 _CORE_KEYS = (
     "corral_version",
     "created",

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.config.fields import ModelConfig
-from corral.model.artifacts import find_run_info
+from corral.model.artifacts import BASE_ADAPTERS, find_run_info
 from corral.model.default import (
     DEFAULT_MODEL_NAME,
     default_model_dir,
@@ -211,6 +211,9 @@ def resolve_base_for_adapters(model_config: ModelConfig) -> ModelConfig:
     changes: dict[str, Any] = {}
     if adapters:
         check_adapter_folders(adapters)
+        adapters = with_base_adapters(adapters)
+        if adapters != model_config.adapter_name_or_path:
+            changes["adapter_name_or_path"] = adapters
         if model_config.model_name_or_path in ("", "default"):
             changes["model_name_or_path"] = _recorded_base(adapters[0])
         trained = list(reversed(adapters))
@@ -223,6 +226,28 @@ def resolve_base_for_adapters(model_config: ModelConfig) -> ModelConfig:
         if getattr(model_config, key) is None and value is not None:
             changes[key] = value
     return replace(model_config, **{k: v for k, v in changes.items() if v is not None})
+
+
+def with_base_adapters(adapters: list[str]) -> list[str]:
+    """`adapters`, each preceded by the adapters its run merged into the base before training.
+
+    An adapter trained on top of others (`create_new_adapter`, or the last of several adapters
+    continuing) only works on a base holding them too; its run info records them, so naming
+    the new adapter alone loads the whole chain. Each is listed once, in order.
+    """
+    chain: list[str] = []
+    seen: set[Path] = set()
+    for adapter in adapters:
+        info = find_run_info(adapter) or {}
+        for folder in [*info.get(BASE_ADAPTERS, []), adapter]:
+            where = Path(folder).expanduser().resolve()
+            if where not in seen:
+                seen.add(where)
+                chain.append(folder)
+    if chain != list(adapters):
+        check_adapter_folders(chain)
+        get_logger().info(f"adapters (with those they were trained on): {', '.join(chain)}")
+    return chain
 
 
 def _recorded_base(adapter: str) -> str | None:

@@ -31,7 +31,13 @@ import torch.nn.functional as F
 from corral.config import CorralConfig
 from corral.config.fields import REFERENCE_FREE_LOSSES, MethodConfig
 from corral.data.collator import PairCollator
-from corral.train.preference import PairLogps, Reference, build_reference, pair_logps
+from corral.train.preference import (
+    PairLogps,
+    Reference,
+    build_reference,
+    last_logged,
+    pair_logps,
+)
 from corral.train.stages import Stage
 
 AVERAGED_LOSSES = ("ipo", "orpo", "simpo")  # these compare per-token average log-probs
@@ -131,10 +137,7 @@ def make_loss(config: CorralConfig, model: Any) -> PreferenceLoss:
 
 def _after_training(context: Any) -> dict[str, Any]:
     """The last logged rewards and log-probs, for train_results.json."""
-    last: dict[str, Any] = {}
-    for entry in context.log_history:
-        last.update({k: v for k, v in entry.items() if k.startswith(("rewards/", "logps/"))})
-    return last
+    return last_logged(context.log_history, ("rewards/", "logps/"))
 
 
 STAGE = Stage(

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.config import CorralConfig
-from corral.model.artifacts import write_run_info
+from corral.model.artifacts import BASE_ADAPTERS, write_run_info
 from corral.utils.errors import CorralError
 
 CONFIG_FILE = "corral_config.yaml"
@@ -59,8 +59,14 @@ def save_final(
     base_model: str,
     template_name: str | None,
     default_system: str | None = None,
+    *,
+    base_adapters: list[str] | None = None,
 ) -> None:
-    """Save the model or adapter with its tokenizer, template, config and run info."""
+    """Save the model or adapter with its tokenizer, template, config and run info.
+
+    `base_adapters`: adapters merged into the base before a LoRA adapter was trained on it,
+    recorded so that loading the adapter loads them first (`with_base_adapters`).
+    """
     out = config.output.output_dir
     trainer.save_model(out)  # safetensors + tokenizer (whose chat_template is the trained one)
     trainer.save_state()
@@ -72,5 +78,9 @@ def save_final(
         stage=config.method.stage,
         finetuning_type=config.method.finetuning_type,
         datasets=config.data.dataset,
-        extra={"default_system": default_system} if default_system is not None else None,
+        extra={
+            **({"default_system": default_system} if default_system is not None else {}),
+            **({BASE_ADAPTERS: base_adapters} if base_adapters else {}),
+        }
+        or None,
     )

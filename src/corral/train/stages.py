@@ -19,7 +19,7 @@ class Stage:
     Attributes:
         name: the `stage` config value.
         dataset_kind: which processor turns records into tensors ("lm", "conversation",
-            "preference", "prompt"; later "unpaired_preference").
+            "preference", "unpaired_preference", "prompt").
         needs_reference_model: whether the loss compares with a reference policy (dpo, kto,
             ppo); which one, and whether a loss choice needs none, is the stage's make_loss's.
         needs_value_head: whether the model gets a scalar head (rm, ppo).
@@ -47,7 +47,8 @@ class Stage:
 
 def get_stage(name: str) -> Stage:
     """The table row for a stage (the config layer has already rejected unknown names)."""
-    from corral.train import dpo, grpo, pt, sft
+    from corral.train import dpo, grpo, kto, pt, sft
 
-    table = {stage.name: stage for stage in (pt.STAGE, sft.STAGE, dpo.STAGE, grpo.STAGE)}
+    stages = (pt.STAGE, sft.STAGE, dpo.STAGE, kto.STAGE, grpo.STAGE)
+    table = {stage.name: stage for stage in stages}
     return table[name]

@@ -121,6 +121,7 @@ def _finish(config, trainer, result, meter, stage, model_config, template, data)
         model_config.model_name_or_path,
         None if template.name == "tokenizer" else template.name,
         model_config.default_system,
+        base_adapters=_merged_adapters(config, model_config.adapter_name_or_path or []),
     )
     metrics = dict(result.metrics)
     metrics.update(
@@ -156,6 +157,16 @@ def _finish(config, trainer, result, meter, stage, model_config, template, data)
         f"{metrics['real_tokens_per_second']:.0f} real tokens/s, peak {metrics['peak_memory_mb']:.0f} MB"
     )
     return metrics
+
+
+def _merged_adapters(config: CorralConfig, adapters: list[str]) -> list[str]:
+    """The adapters `apply_method` merged into the base under a trained LoRA adapter (a full or
+    freeze model holds them in its weights)."""
+    method = config.method
+    if method.finetuning_type != "lora":
+        return []
+    merged = adapters if method.create_new_adapter else adapters[:-1]
+    return [str(Path(a).expanduser().resolve()) for a in merged]
 
 
 def evaluate_after_training(config, trainer, template, records) -> dict[str, Any]:

@@ -10,8 +10,9 @@ never predict across their boundary.
 
 Kinds (the train layer's stage table names one; this package never sees a stage), one module
 each: `lm` (language modelling), `conversation` (sft), `preference` (dpo: a chosen and a
-rejected reply to one prompt, kept together in one row) and `prompt` (ppo, grpo: the prompt a
-policy answers, with the dataset's reply as a labelled reference). `pipeline` runs a kind's
+rejected reply to one prompt, kept together in one row), `prompt` (ppo, grpo: the prompt a
+policy answers, with the dataset's reply as a labelled reference) and `unpaired` (kto: one
+liked or disliked reply with its kto_label, and a mismatched KL row beside it). `pipeline` runs a kind's
 processor over a part's records; `stats` counts what happened (examples that end with no
 trainable token are dropped and counted by reason, with token length percentiles and the
 trained fraction) for `format_summary`.
@@ -43,10 +44,12 @@ from corral.data.processors.pipeline import (
 from corral.data.processors.preference import NO_PAIR, SAME_REPLIES, encode_preferences
 from corral.data.processors.prompt import NO_PROMPT, PROMPT_TOO_LONG, encode_prompts, split_prompt
 from corral.data.processors.stats import DataStats, PartStats, ProcessedData, format_summary
+from corral.data.processors.unpaired import NO_LABEL, encode_unpaired
 
 __all__ = [
     "EMPTY_DOCUMENT",
     "IGNORE_INDEX",
+    "NO_LABEL",
     "NO_PAIR",
     "NO_PROMPT",
     "PROMPT_TOO_LONG",
@@ -70,6 +73,7 @@ __all__ = [
     "encode_documents",
     "encode_preferences",
     "encode_prompts",
+    "encode_unpaired",
     "finish_part",
     "format_summary",
     "label_turns",

@@ -38,21 +38,27 @@ class Encoded:
     labels: list[list[int]] = field(default_factory=list)
     status: str = ""  # "", TRUNCATED, TRUNCATED_RESPONSE, SPLIT, or the reason it was dropped
     tokens: int = 0  # the record's length in tokens before any truncation
+    tag: bool | None = None  # a value kept beside the examples (unpaired: is the reply liked?)
 
 
 @dataclass(frozen=True)
 class Processor:
     """One dataset kind: the record kinds it accepts and how it encodes a batch of records.
 
-    With `paired`, every kept record gives exactly two examples (chosen, rejected) that the
-    pipeline keeps in one row: chosen_input_ids, chosen_labels, rejected_input_ids,
-    rejected_labels and length (the longer of the two).
+    With `paired`, every kept record gives exactly two examples that the pipeline keeps in one
+    row, their columns named with `pair_prefixes` (chosen_input_ids, chosen_labels,
+    rejected_input_ids, rejected_labels by default) plus length (the longer of the two). With
+    `tag_column`, each kept record's `Encoded.tag` becomes that column. `needs` says what a
+    dataset must have to give this kind's records, for the error when one does not.
     """
 
     kind: str
     accepts: tuple[str, ...]
     encode: Callable[[list[Record], Any, Template, DataConfig], list[Encoded]]
     paired: bool = False
+    pair_prefixes: tuple[str, str] = ("chosen_", "rejected_")
+    tag_column: str | None = None
+    needs: str = ""
 
 
 def first_unlabelled(labels: list[int]) -> list[int]:

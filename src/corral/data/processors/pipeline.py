@@ -20,6 +20,7 @@ from corral.data.processors.lm import cut_into_blocks, encode_documents
 from corral.data.processors.preference import encode_preferences
 from corral.data.processors.prompt import encode_prompts
 from corral.data.processors.stats import PartStats
+from corral.data.processors.unpaired import NEEDS, encode_unpaired
 from corral.data.records import Record
 from corral.data.templates import Template
 from corral.utils.errors import DataError
@@ -34,9 +35,18 @@ PROCESSORS: dict[str, Processor] = {
         "preference", accepts=("preference",), encode=encode_preferences, paired=True
     ),
     "prompt": Processor("prompt", accepts=("conversation", "preference"), encode=encode_prompts),
+    "unpaired_preference": Processor(
+        "unpaired_preference",
+        accepts=("unpaired_preference",),
+        encode=encode_unpaired,
+        paired=True,  # each reply with its KL row (see processors.unpaired)
+        pair_prefixes=("", "kl_"),
+        tag_column="kto_label",
+        needs=NEEDS,
+    ),
 }
 # Kinds the stage table may name once their stages exist.
-PLANNED_KINDS = ("unpaired_preference",)
+PLANNED_KINDS: tuple[str, ...] = ()
 PAIR_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 
 
@@ -50,13 +60,15 @@ def check_record_kinds(dataset_stats: list[Any], kind: str) -> None:
     Raises:
         DataError: naming the dataset, what it holds and what the stage needs.
     """
-    accepts = processor_for(kind).accepts
+    processor = processor_for(kind)
+    accepts = processor.accepts
     for d in dataset_stats:
         if d.kind and d.kind not in accepts:
+            needs = f"; its records need {processor.needs}" if processor.needs else ""
             raise DataError(
                 f"dataset '{d.name}' holds {d.kind} records, but this stage trains on {kind} "
-                f"data, which takes {' or '.join(accepts)} records; choose a dataset of that "
-                "kind (or a stage that trains on this one)"
+                f"data, which takes {' or '.join(accepts)} records{needs}; choose a dataset of "
+                "that kind (or a stage that trains on this one)"
             )
 
 
@@ -104,7 +116,8 @@ def process_records(
 
     processor = processor_for(kind)
     if not records:
-        columns = PAIR_COLUMNS if processor.paired else ("input_ids", "labels")
+        columns = _pair_columns(processor) if processor.paired else ("input_ids", "labels")
+        columns += (processor.tag_column,) if processor.tag_column else ()
         empty = {**{c: [] for c in columns}, "length": []}
         return datasets.Dataset.from_dict(empty), PartStats(part=part)
     rows = datasets.Dataset.from_list([{"record": json.dumps(vars(r))} for r in records])
@@ -114,6 +127,7 @@ def process_records(
         status=datasets.Value("string"),
         tokens=datasets.Value("int64"),
         source=datasets.Value("string"),
+        tag=datasets.Value("bool"),
     )
     workers = data.preprocessing_num_workers
     encoded = rows.map(
@@ -134,7 +148,7 @@ def process_records(
         new_fingerprint=uuid.uuid4().hex,
         desc=f"tokenising {part} records",
     )
-    return _examples_and_stats(encoded, part, paired=processor.paired)
+    return _examples_and_stats(encoded, part, processor)
 
 
 def _encode_batch(
@@ -151,6 +165,7 @@ def _encode_batch(
         "labels": [e.labels for e in encoded],
         "status": [e.status for e in encoded],
         "tokens": [e.tokens for e in encoded],
+        "tag": [e.tag for e in encoded],
         "source": [
             r.source if e.status not in _KEPT_STATUSES else ""
             for r, e in zip(records, encoded, strict=True)
@@ -158,7 +173,7 @@ def _encode_batch(
     }
 
 
-def _examples_and_stats(encoded: Any, part: str, *, paired: bool) -> tuple[Any, PartStats]:
+def _examples_and_stats(encoded: Any, part: str, processor: Processor) -> tuple[Any, PartStats]:
     """Flatten the per-record example lists into rows (pairs into one row each) and count what
     happened."""
     import datasets
@@ -184,18 +199,27 @@ def _examples_and_stats(encoded: Any, part: str, *, paired: bool) -> tuple[Any, 
         stats.length["max"] = int(tokens.max())
     ids = table.column("input_ids").combine_chunks().flatten()
     labels = table.column("labels").combine_chunks().flatten()
-    if paired:  # kept records hold exactly [chosen, rejected]: even rows chosen, odd rejected
-        examples = _pair_rows(ids, labels)
+    if processor.paired:  # kept records hold exactly two examples: the pair's first side even
+        examples = _pair_rows(ids, labels, _pair_columns(processor))
     else:
         examples = pa.table(
             {"input_ids": ids, "labels": labels, "length": pc.list_value_length(ids)}
         )
+    if processor.tag_column:  # one tag per kept record, in the examples' order
+        kept = pc.greater(pc.list_value_length(table.column("input_ids")), 0)
+        tags = table.column("tag").filter(kept).combine_chunks()
+        examples = examples.append_column(processor.tag_column, tags)
     stats.examples = len(examples)
     return datasets.Dataset(examples), stats
 
 
-def _pair_rows(ids: Any, labels: Any) -> Any:
-    """One row per (chosen, rejected) pair, from examples flattened in that order."""
+def _pair_columns(processor: Processor) -> tuple[str, ...]:
+    first, second = processor.pair_prefixes
+    return (f"{first}input_ids", f"{first}labels", f"{second}input_ids", f"{second}labels")
+
+
+def _pair_rows(ids: Any, labels: Any, names: tuple[str, ...]) -> Any:
+    """One row per pair (e.g. chosen, rejected), from examples flattened in that order."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -203,14 +227,13 @@ def _pair_rows(ids: Any, labels: Any) -> Any:
     chosen, rejected = np.arange(0, len(ids), 2), np.arange(1, len(ids), 2)
     columns = dict(
         zip(
-            PAIR_COLUMNS,
+            names,
             (ids.take(chosen), labels.take(chosen), ids.take(rejected), labels.take(rejected)),
             strict=True,
         )
     )
     length = pc.max_element_wise(
-        pc.list_value_length(columns["chosen_input_ids"]),
-        pc.list_value_length(columns["rejected_input_ids"]),
+        pc.list_value_length(columns[names[0]]), pc.list_value_length(columns[names[2]])
     )
     return pa.table({**columns, "length": length})
 

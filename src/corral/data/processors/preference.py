@@ -25,7 +25,7 @@ from corral.data.processors.base import (
     first_unlabelled,
 )
 from corral.data.processors.conversation import TOOL_ROLES
-from corral.data.processors.truncation import fit_to_cutoff
+from corral.data.processors.truncation import fit_to_cutoff, prompt_of
 from corral.data.records import Record
 from corral.data.templates import Template, encode_turns
 from corral.utils.errors import CorralError
@@ -54,7 +54,7 @@ def _encode_pair(record: Record, tokenizer: Any, template: Template, data: DataC
         turns = [encode_turns(template, tokenizer, m, tools=record.tools) for m in pair]
         replies = [t[-1][1] for t in turns]
         longer = 0 if len(replies[0]) >= len(replies[1]) else 1
-        prompt = _prompt_of(turns[longer])
+        prompt = prompt_of(turns[longer])
         tokens = len(prompt) + len(replies[longer])
         status = ""
         if tokens > data.cutoff_len:
@@ -63,18 +63,10 @@ def _encode_pair(record: Record, tokenizer: Any, template: Template, data: DataC
             )
             if not fitted:
                 return Encoded(status=NO_TRAINABLE, tokens=tokens)
-            prompt, budget = _prompt_of(fitted), len(fitted[-1][1])
+            prompt, budget = prompt_of(fitted), len(fitted[-1][1])
             replies = [reply[:budget] for reply in replies]
     except CorralError as exc:
         return Encoded(status=str(exc))
     ids = [prompt + reply for reply in replies]
     labels = [first_unlabelled([IGNORE_INDEX] * len(prompt) + reply) for reply in replies]
     return Encoded(ids, labels, status, tokens)
-
-
-def _prompt_of(turns: list[tuple[list[int], list[int]]]) -> list[int]:
-    """Every token before the last reply: earlier exchanges (never trained here) and its prompt."""
-    prompt: list[int] = []
-    for earlier_prompt, earlier_reply in turns[:-1]:
-        prompt += earlier_prompt + earlier_reply
-    return prompt + turns[-1][0]

@@ -126,6 +126,14 @@ def total(turns: Turns) -> int:
     return sum(len(prompt) + len(response) for prompt, response in turns)
 
 
+def prompt_of(turns: Turns) -> list[int]:
+    """Every token before the last reply: earlier exchanges and the last exchange's prompt."""
+    prompt: list[int] = []
+    for earlier_prompt, earlier_reply in turns[:-1]:
+        prompt += earlier_prompt + earlier_reply
+    return prompt + turns[-1][0]
+
+
 def drop_earliest_turns(
     turns: Turns,
     messages: list[dict],
