@@ -333,6 +333,139 @@ def _reply_len(row) -> int:
     return sum(label != IGNORE_INDEX for label in row["chosen_labels"][1:])
 
 
+# --- the losses against TRL 1.16's own -----------------------------------------------------------
+
+
+def _perturbed_full_policy(tiny_llama_dir, pref_loss, extra):
+    """(config, corral's loss hook, policy): a full model moved away from its frozen copy."""
+    from corral.model.adapters import apply_method
+    from corral.model.load import load_model
+    from corral.train.dpo import make_loss
+
+    config = load_config(
+        None,
+        [f"model_name_or_path={tiny_llama_dir}", "stage=dpo", "finetuning_type=full"]
+        + [f"pref_loss={pref_loss}", "device=cpu", *extra],
+    )
+    model, _ = load_model(config.model, for_training=True)
+    loss_fn = make_loss(config, model)
+    model = apply_method(model, config.method)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return config, loss_fn, model.eval()
+
+
+def _one_pair_batches(smol_tokenizer):
+    records = [
+        _record("What is ice?", "Ice is frozen water.", "No idea."),
+        _record("Name a fruit, please.", "An apple.", "I won't answer that, sorry."),
+        _record("Hi", "Hello! How can I help you today?", "Bye."),
+    ]
+    rows, _ = _pairs(records, smol_tokenizer)
+    collate = PairCollator(smol_tokenizer.pad_token_id)
+    for row in rows.to_list():
+        batch = collate([row])
+        batch.pop("num_real_tokens")
+        yield row, batch
+
+
+@pytest.mark.parametrize(
+    ("pref_loss", "extra"), [("sigmoid", ["pref_beta=0.2"]), ("ipo", ["pref_beta=0.5"])]
+)
+def test_loss_and_rewards_equal_trls_dpo_trainer(
+    tiny_llama_dir, smol_tokenizer, tmp_path, pref_loss, extra
+):
+    """TRL's DPOTrainer runs its own forward and loss on the same pair (TRL exposes no loss
+    function apart from `_compute_loss`). Pairs go one at a time because TRL logs only batch
+    means and, for ipo, its rewards from summed log-probs where corral's (LLaMA-Factory's) use
+    per-token averages: a pair's TRL reward / its reply's token count is corral's."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from corral.train.trainer import _checkpointing_arguments
+
+    config, loss_fn, policy = _perturbed_full_policy(tiny_llama_dir, pref_loss, extra)
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        beta=config.method.pref_beta,
+        loss_type=[pref_loss],
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        **_checkpointing_arguments(False),
+    )
+    placeholder = Dataset.from_list([{"prompt": "Hi", "chosen": "Hello.", "rejected": "Bye."}])
+    trl = DPOTrainer(
+        model=policy,
+        ref_model=loss_fn.reference.model,  # corral's frozen copy: the same reference
+        args=args,
+        train_dataset=placeholder,
+        processing_class=smol_tokenizer,
+    )
+    for row, batch in _one_pair_batches(smol_tokenizer):
+        with torch.no_grad():
+            loss, metrics = loss_fn(policy, batch)
+            ids, labels = batch["input_ids"], batch["labels"]
+            lengths = [len(row["chosen_input_ids"]), len(row["rejected_input_ids"])]
+            attention = (torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]).long()
+            inputs = {"input_ids": ids, "attention_mask": attention}
+            trl_loss = trl._compute_loss(
+                policy, {**inputs, "completion_mask": (labels != -100).long()}, False
+            )
+        logged = {k: v[-1] for k, v in trl._metrics["eval"].items()}
+        tokens = (labels[:, 1:] != -100).sum(1).tolist() if pref_loss == "ipo" else [1, 1]
+        assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-5)
+        assert metrics["rewards/chosen"] == pytest.approx(
+            logged["rewards/chosen"] / tokens[0], abs=1e-5
+        )
+        assert metrics["rewards/rejected"] == pytest.approx(
+            logged["rewards/rejected"] / tokens[1], abs=1e-5
+        )
+        # on corral's per-token rewards for ipo: a longer reply's summed reward may rank otherwise
+        chosen, rejected = (
+            logged["rewards/chosen"] / tokens[0],
+            logged["rewards/rejected"] / tokens[1],
+        )
+        assert metrics["rewards/accuracies"] == float(chosen > rejected)
+        assert (
+            abs(metrics["rewards/margins"]) > 1e-3
+        )  # the policy really differs from the reference
+
+
+def test_simpo_loss_and_rewards_equal_trls_cpo_loss(tiny_llama_dir, smol_tokenizer):
+    """TRL's CPOTrainer.cpo_loss (loss_type simpo) on corral's per-token average log-probs.
+    Both write gamma as LLaMA-Factory does, logits = (pi_c - pi_r) - simpo_gamma / beta, so
+    simpo_gamma passes to TRL unchanged."""
+    from types import SimpleNamespace
+
+    from trl.experimental.cpo import CPOTrainer
+
+    from corral.train.preference import pair_logps
+
+    config, loss_fn, policy = _perturbed_full_policy(
+        tiny_llama_dir, "simpo", ["pref_beta=2.0", "simpo_gamma=0.3"]
+    )
+    method = config.method
+    trl_self = SimpleNamespace(  # the attributes cpo_loss reads, as CPOConfig would set them
+        alpha=0.0,
+        beta=method.pref_beta,
+        simpo_gamma=method.simpo_gamma,
+        loss_type="simpo",
+        label_smoothing=0.0,
+        accelerator=SimpleNamespace(device=torch.device("cpu")),
+    )
+    for _, batch in _one_pair_batches(smol_tokenizer):
+        with torch.no_grad():
+            loss, metrics = loss_fn(policy, batch)
+            logps = pair_logps(policy, batch, average=True)
+            losses, chosen, rejected = CPOTrainer.cpo_loss(trl_self, logps.chosen, logps.rejected)
+        assert loss.item() == pytest.approx(losses.mean().item(), abs=1e-5)
+        assert metrics["rewards/chosen"] == pytest.approx(chosen.mean().item(), abs=1e-5)
+        assert metrics["rewards/rejected"] == pytest.approx(rejected.mean().item(), abs=1e-5)
+
+
 def test_which_reference_is_loaded(tiny_llama_dir):
     from corral.model.load import load_model
     from corral.train.dpo import make_loss
@@ -448,19 +581,38 @@ def test_full_dpo_keeps_its_reference_frozen_and_logs_validation_rewards(tiny_ll
     assert evals[-1]["eval_rewards/margins"] > 0
 
 
-def _accuracy(policy, reference, rows) -> tuple[float, float]:
+def _accuracy(policy, reference, rows, *, average=False) -> tuple[float, float]:
+    """Held-out preference accuracy and mean margin of the implicit reward: the log-prob ratio
+    to `reference` (summed), or with no reference the per-token average log-prob (orpo, simpo)."""
     with torch.no_grad():
-        pc, pr = (_reference_logps(policy, rows, s, average=False) for s in ("chosen", "rejected"))
+        pc, pr = (
+            _reference_logps(policy, rows, s, average=average) for s in ("chosen", "rejected")
+        )
         rc, rr = (
-            _reference_logps(reference, rows, s, average=False) for s in ("chosen", "rejected")
+            (_reference_logps(reference, rows, s, average=average) for s in ("chosen", "rejected"))
+            if reference is not None
+            else (0.0, 0.0)
         )
     margins = (pc - rc) - (pr - rr)
     return (margins > 0).float().mean().item(), margins.mean().item()
 
 
-def test_dpo_lora_learns_a_held_out_preference(tiny_llama_dir, smol_tokenizer, tmp_path):
+# (pref_loss, settings): DPO as LLaMA-Factory's defaults; ORPO and SimPO reference-free, SimPO
+# with the paper's beta 2 (its implicit reward is beta x the per-token average log-prob).
+LEARNING_CASES = [
+    ("sigmoid", []),
+    ("orpo", ["pref_beta=0.1"]),
+    ("simpo", ["pref_beta=2.0", "simpo_gamma=0.5"]),
+]
+
+
+@pytest.mark.parametrize(("pref_loss", "extra"), LEARNING_CASES, ids=[c[0] for c in LEARNING_CASES])
+def test_lora_learns_a_held_out_preference(
+    tiny_llama_dir, smol_tokenizer, tmp_path, pref_loss, extra
+):
     from corral.model.artifacts import RUN_INFO
     from corral.model.load import load_model
+    from corral.train.dpo import AVERAGED_LOSSES
     from corral.train.workflow import run_training
 
     train_topics, held_out = TOPICS[:16], TOPICS[16:]
@@ -473,12 +625,18 @@ def test_dpo_lora_learns_a_held_out_preference(tiny_llama_dir, smol_tokenizer, t
             "finetuning_type=lora",
             "learning_rate=1e-2",
             "max_steps=20",
+            f"pref_loss={pref_loss}",
+            *extra,
         )
     )
     logs = _logs(out)
     losses = [entry["loss"] for entry in logs if "loss" in entry]
-    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference: LoRA B is 0
-    assert losses[-1] < 0.5 * losses[0], losses
+    reference_free = pref_loss in ("orpo", "simpo")
+    margins = [entry["rewards/margins"] for entry in logs if "loss" in entry]
+    assert losses[-1] < losses[0] and margins[-1] > margins[0] + 0.1, (losses, margins)
+    if not reference_free:
+        assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference: B is 0
+        assert losses[-1] < 0.5 * losses[0], losses  # orpo's loss is mostly the SFT term
     assert all("rewards/accuracies" in entry for entry in logs if "loss" in entry)
     assert metrics["rewards/margins"] > 0 and metrics["real_tokens"] > 0
 
@@ -507,10 +665,14 @@ def test_dpo_lora_learns_a_held_out_preference(tiny_llama_dir, smol_tokenizer, t
         template,
         kind="preference",
     )
-    before, _ = _accuracy(base, base, held.to_list())
-    after, margin = _accuracy(tuned, base, held.to_list())
-    print(f"held-out preference accuracy {before:.2f} -> {after:.2f}, mean margin {margin:.3f}")
-    assert before == 0.0 and after >= 0.8 and margin > 0
+    average = pref_loss in AVERAGED_LOSSES
+    reference = None if reference_free else base
+    before, _ = _accuracy(base, reference, held.to_list(), average=average)
+    after, margin = _accuracy(tuned, reference, held.to_list(), average=average)
+    print(
+        f"{pref_loss}: held-out preference accuracy {before:.2f} -> {after:.2f}, margin {margin:.3f}"
+    )
+    assert after >= 0.8 and after > before and margin > 0
     # LoRA changed only the linear layers it targets: embeddings, norms and head are the base's
     tuned_params = dict(tuned.named_parameters())
     untouched = [n for n in tuned_params if "proj" not in n]

@@ -24,6 +24,7 @@ def test_examples_exist():
         "kto_lora.yaml",
         "rm_lora.yaml",
         "ppo_lora.yaml",
+        "grpo_lora.yaml",
     } <= names
 
 

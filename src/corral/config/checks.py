@@ -34,6 +34,7 @@ def check_config(config: CorralConfig) -> None:
         _note_other_stage_keys,
         _check_preference,
         _check_reward_model,
+        _check_grpo,
         _check_resume,
         _check_eval,
         _check_ppo,
@@ -123,6 +124,7 @@ STAGE_KEYS = {
     "ppo_whiten_rewards": ("ppo",),
     "reward_funcs": ("grpo",),
     "num_generations": ("grpo",),
+    "grpo_beta": ("grpo",),
 }
 
 
@@ -202,6 +204,52 @@ def _check_reward_model(config: CorralConfig) -> list[str]:
             "do_eval measures perplexity on conversations; with stage rm set val_size or "
             "eval_dataset and the validation loss and accuracy are logged during training "
             "(the last ones go into train_results.json), or run corral eval pref"
+        )
+    return problems
+
+
+def _check_grpo(config: CorralConfig) -> list[str]:
+    method, generation = config.method, config.generation
+    if method.stage != "grpo":
+        return []
+    problems = []
+    if not method.reward_funcs and not method.reward_model:
+        problems.append(
+            "stage grpo needs a reward: set reward_funcs (Python 'module:function', e.g. "
+            "rewards:length for a rewards.py beside the config) or reward_model"
+        )
+    if method.reward_model:
+        problems.append(
+            "reward_model: scoring grpo replies with a reward model is not available in this "
+            "version of corral yet; name reward functions in reward_funcs instead"
+        )
+    if generation.temperature == 0:
+        problems.append(
+            "temperature: 0 means greedy decoding, but grpo compares num_generations sampled "
+            "replies per prompt, which must differ; set temperature > 0 (e.g. 1.0)"
+        )
+    if method.ref_model or method.ref_model_adapters:
+        problems.append(
+            "ref_model: grpo's reference is the model as loaded (used when grpo_beta > 0); "
+            "remove ref_model and ref_model_adapters"
+        )
+    if (
+        method.grpo_beta > 0
+        and method.finetuning_type != "lora"
+        and config.model.adapter_name_or_path
+    ):
+        # TRL reloads the reference from the base folder, without the merged adapter
+        problems.append(
+            "grpo_beta > 0 with finetuning_type full/freeze on top of adapter_name_or_path: "
+            "the KL reference would be the base without the adapter; export the merged model "
+            "and train from it, use finetuning_type: lora, or set grpo_beta: 0"
+        )
+    if config.data.packing:
+        problems.append("packing: true does not apply to stage grpo (it trains on prompts)")
+    if config.eval.do_eval:
+        problems.append(
+            "do_eval measures perplexity on conversations; with stage grpo set val_size or "
+            "eval_dataset and the validation reward is logged during training"
         )
     return problems
 

@@ -33,7 +33,7 @@ def opt(
 # Stages corral knows about. Those not in IMPLEMENTED_STAGES are planned; choosing one is an
 # error that says so instead of a silent fallback.
 ALL_STAGES = ("pt", "sft", "rm", "dpo", "kto", "ppo", "grpo")
-IMPLEMENTED_STAGES = ("pt", "sft", "dpo", "kto", "rm", "ppo")
+IMPLEMENTED_STAGES = ("pt", "sft", "dpo", "kto", "rm", "ppo", "grpo")
 # LLaMA-Factory users may write these as stages; they mean dpo with this pref_loss.
 STAGE_SHORTHANDS = {"orpo": "orpo", "simpo": "simpo"}
 PREFERENCE_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
@@ -233,6 +233,12 @@ class MethodConfig:
     )
     num_generations: int = opt(
         4, "grpo: replies sampled per prompt, compared with each other.", ge=2
+    )
+    grpo_beta: float = opt(
+        0.0,
+        "grpo: weight of the KL penalty to the model as loaded (TRL's beta); 0, TRL's "
+        "default, loads no reference.",
+        ge=0,
     )
 
 

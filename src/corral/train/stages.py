@@ -52,8 +52,8 @@ class Stage:
 
 def get_stage(name: str) -> Stage:
     """The table row for a stage (the config layer has already rejected unknown names)."""
-    from corral.train import dpo, kto, ppo, pt, rm, sft
+    from corral.train import dpo, grpo, kto, ppo, pt, rm, sft
 
-    rows = (pt.STAGE, sft.STAGE, rm.STAGE, dpo.STAGE, kto.STAGE, ppo.STAGE)
+    rows = (pt.STAGE, sft.STAGE, rm.STAGE, dpo.STAGE, kto.STAGE, ppo.STAGE, grpo.STAGE)
     table = {stage.name: stage for stage in rows}
     return table[name]
