@@ -101,3 +101,44 @@ def tiny_llama(tiny_llama_dir):
 def spm_tokenizer_model() -> Path:
     """Llama 2's SentencePiece `tokenizer.model` (shipped in tests/data)."""
     return LLAMA2_TOKENIZER / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def reward_folder(tiny_llama_dir, tmp_path_factory) -> Path:
+    """A LoRA reward model on the tiny Llama (stage: rm, 3 steps on helpful vs dismissive
+    replies to 24 topics), the output folder that ppo's and grpo's reward_model name."""
+    import json
+
+    from corral.config import load_config
+    from corral.train.workflow import run_training
+
+    folder = tmp_path_factory.mktemp("rm")
+    topics = [f"topic {k}" for k in range(24)]
+    pairs = [
+        {
+            "conversations": [{"from": "human", "value": f"Q: {t}"}],
+            "chosen": {"from": "gpt", "value": f"Sure, here is what I know about {t}."},
+            "rejected": {"from": "gpt", "value": "No."},
+        }
+        for t in topics
+    ]
+    (folder / "pairs.json").write_text(json.dumps(pairs))
+    columns = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}
+    entry = {"file_name": "pairs.json", "formatting": "sharegpt", "ranking": True}
+    (folder / "dataset_info.json").write_text(json.dumps({"pairs": {**entry, "columns": columns}}))
+    keys = [
+        f"model_name_or_path={tiny_llama_dir}",
+        "dataset=pairs",
+        f"dataset_dir={folder}",
+        f"output_dir={folder / 'rm'}",
+        "stage=rm",
+        "template=chatml",
+        "cutoff_len=64",
+        "per_device_train_batch_size=8",
+        "learning_rate=1e-2",
+        "max_steps=3",
+        "save_steps=1000",
+        "seed=0",
+    ]
+    run_training(load_config(None, keys))
+    return folder / "rm"

@@ -85,7 +85,6 @@ def test_bad_reward_funcs_are_one_error_naming_key_and_value(rewards_module):
             + ["adapter_name_or_path=/sft"],
             "the KL reference would be the base without the adapter",
         ),
-        (["stage=grpo", "reward_model=/rm", "reward_funcs=m:f"], "reward_model: scoring grpo"),
         (["stage=grpo", "reward_funcs=m:f", "grpo_beta=-1"], "grpo_beta: must be >= 0"),
         (["stage=grpo", "reward_funcs=m:f", "num_generations=1"], "num_generations: must be >= 2"),
     ],
@@ -269,3 +268,61 @@ def test_grpo_lora_raises_a_held_out_reward(
     after = _sampled_reward(tuned, smol_tokenizer, held_out, seed=1)
     print(f"held-out sampled reward {before:.2f} -> {after:.2f}")
     assert after > before + 0.15
+
+
+def test_a_reward_model_folder_scores_grpo_replies_as_it_was_trained(
+    reward_folder, tiny_llama_dir, smol_tokenizer, tmp_path, monkeypatch
+):
+    """reward_model (an rm output folder) is a grpo reward: it scores corral's prompt ids plus
+    each reply finished as rm training rendered it (ChatML: "<|im_end|>" then "\\n")."""
+    from corral.train import rewards
+    from corral.train.callbacks import LOG_FILE
+    from corral.train.workflow import run_training
+
+    scored, real = [], rewards.load_reward
+
+    def spy(config, tokenizer, template=None):
+        reward = real(config, tokenizer, template)
+
+        def recorded(prompts, replies):
+            scores = reward(prompts, replies)
+            scored.append((prompts, replies, scores))
+            return scores
+
+        return recorded
+
+    monkeypatch.setattr("corral.train.grpo.load_reward", spy)
+    _prompt_records(tmp_path, TOPICS[:4])
+    out = tmp_path / "out"
+    keys = [
+        f"model_name_or_path={tiny_llama_dir}",
+        f"dataset={tmp_path / 'prompts.json'}",
+        f"output_dir={out}",
+        "stage=grpo",
+        "template=chatml",
+        "cutoff_len=64",
+        f"reward_model={reward_folder}",
+        "num_generations=2",
+        "per_device_train_batch_size=2",
+        "max_new_tokens=6",
+        "temperature=1.0",
+        "max_steps=2",
+        "logging_steps=1",
+        "save_steps=1000",
+        "seed=0",
+        "device=cpu",
+    ]
+    run_training(load_config(None, keys))
+    assert scored and len(scored[0][1]) == 4  # 2 prompts x 2 replies per step
+    logs = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+    assert any("rewards/reward_model/mean" in entry for entry in logs)
+    # the score is the rm's own score of the finished conversation
+    from corral.model.reward import load_reward_model
+
+    rm = load_reward_model(str(reward_folder), device="cpu")
+    end = smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    newline = smol_tokenizer("\n", add_special_tokens=False)["input_ids"]
+    prompts, replies, scores = scored[0]
+    finished = [r[: r.index(end) + 1] + newline if end in r else r for r in replies]
+    expected = rm.score([p + r for p, r in zip(prompts, finished, strict=True)])
+    assert torch.allclose(scores, expected, atol=1e-5)

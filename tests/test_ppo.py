@@ -239,7 +239,7 @@ def _run(tiny_llama_dir, folder, reward, monkeypatch, *extra: str) -> dict:
     from corral.train.workflow import run_training
 
     if reward is not None:
-        monkeypatch.setattr(ppo, "load_reward", lambda config, tokenizer: reward)
+        monkeypatch.setattr(ppo, "load_reward", lambda config, tokenizer, template=None: reward)
     rows = [{"instruction": f"Q: {t}", "input": "", "output": "Fine."} for t in TOPICS[:16]]
     (folder / "prompts.json").write_text(json.dumps(rows))
     info = {"prompts": {"file_name": "prompts.json"}}
@@ -360,50 +360,14 @@ def test_full_and_freeze_ppo_keep_the_reference_frozen_and_checkpoint_the_value_
 # --- the reward from an rm output folder --------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def reward_folder(tiny_llama_dir, tmp_path_factory):
-    """A LoRA reward model (stage: rm, a few steps on helpful vs dismissive pairs)."""
-    from corral.train.workflow import run_training
-
-    folder = tmp_path_factory.mktemp("rm")
-    pairs = [
-        {
-            "conversations": [{"from": "human", "value": f"Q: {t}"}],
-            "chosen": {"from": "gpt", "value": f"Sure, here is what I know about {t}."},
-            "rejected": {"from": "gpt", "value": "No."},
-        }
-        for t in TOPICS
-    ]
-    (folder / "pairs.json").write_text(json.dumps(pairs))
-    columns = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}
-    entry = {"file_name": "pairs.json", "formatting": "sharegpt", "ranking": True}
-    (folder / "dataset_info.json").write_text(json.dumps({"pairs": {**entry, "columns": columns}}))
-    keys = [
-        f"model_name_or_path={tiny_llama_dir}",
-        "dataset=pairs",
-        f"dataset_dir={folder}",
-        f"output_dir={folder / 'rm'}",
-        "stage=rm",
-        "template=chatml",
-        "cutoff_len=64",
-        "per_device_train_batch_size=8",
-        "learning_rate=1e-2",
-        "max_steps=3",
-        "save_steps=1000",
-        "seed=0",
-    ]
-    run_training(load_config(None, keys))
-    return folder / "rm"
-
-
 def test_a_reward_model_folder_drives_ppo(tiny_llama_dir, reward_folder, tmp_path, monkeypatch):
     from corral.train import ppo
 
     calls, real = [], ppo.load_reward
     from corral.model.reward import load_reward_model  # stage rm's loader
 
-    def spy(config, tokenizer):  # the real reward, recording what it scored
-        reward = real(config, tokenizer)
+    def spy(config, tokenizer, template=None):  # the real reward, recording what it scored
+        reward = real(config, tokenizer, template)
 
         def scored(prompts, replies):
             calls.append((prompts, replies, reward(prompts, replies)))

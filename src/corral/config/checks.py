@@ -218,11 +218,6 @@ def _check_grpo(config: CorralConfig) -> list[str]:
             "stage grpo needs a reward: set reward_funcs (Python 'module:function', e.g. "
             "rewards:length for a rewards.py beside the config) or reward_model"
         )
-    if method.reward_model:
-        problems.append(
-            "reward_model: scoring grpo replies with a reward model is not available in this "
-            "version of corral yet; name reward functions in reward_funcs instead"
-        )
     if generation.temperature == 0:
         problems.append(
             "temperature: 0 means greedy decoding, but grpo compares num_generations sampled "

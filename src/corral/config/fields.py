@@ -205,7 +205,7 @@ class MethodConfig:
     kto_rejected_weight: float = opt(1.0, "kto: weight of the losses of undesirable replies.", gt=0)
     reward_model: str | None = opt(
         None,
-        "ppo: the reward model, an rm output folder (reward_model_type lora: an rm adapter "
+        "ppo, grpo: the reward model, an rm output folder (reward_model_type lora: an rm adapter "
         "trained on the same base; full: a full model folder).",
     )
     reward_model_adapters: list[str] | None = opt(

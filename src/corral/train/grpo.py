@@ -38,6 +38,7 @@ from typing import Any
 
 from corral.config import CorralConfig
 from corral.data.templates import Template, stop_token_ids
+from corral.train.rewards import load_reward
 from corral.train.stages import Stage
 from corral.train.trainer import TokenMeter
 from corral.utils.errors import ConfigError
@@ -186,8 +187,10 @@ def make_trainer(
     **_: Any,  # data_collator, stage_loss: GRPO batches prompts itself and has its own loss
 ) -> Any:
     """The configured `GRPOTrainer` subclass for the workflow (see `Stage.make_trainer`)."""
-    reward_funcs = load_reward_funcs(config.method.reward_funcs or [])
     tokenizer = processing_class
+    reward_funcs = load_reward_funcs(config.method.reward_funcs or [])
+    if config.method.reward_model:
+        reward_funcs.append(reward_model_func(config, tokenizer, template))
     # Replies end where chat's do: the template's end-of-turn token(s) and eos. GRPOTrainer
     # takes its stop ids from the model's generation config.
     model.generation_config.eos_token_id = stop_token_ids(template, tokenizer)
@@ -201,6 +204,21 @@ def make_trainer(
         callbacks=callbacks,
         meter=meter,
     )
+
+
+def reward_model_func(
+    config: CorralConfig, tokenizer: Any, template: Template
+) -> Callable[..., list[float]]:
+    """`reward_model` as a reward function: the rm's score of prompt + reply token ids, the
+    reply finished as the rm was trained on it (see `corral.train.rewards`), not re-tokenised
+    from text."""
+    score = load_reward(config, tokenizer, template)
+
+    def reward_model(prompt_ids, completion_ids, **kwargs) -> list[float]:
+        prompts = [list(ids) for ids in prompt_ids]
+        return score(prompts, [list(ids) for ids in completion_ids]).tolist()
+
+    return reward_model
 
 
 def _after_training(context: Any) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,15 +56,12 @@ from corral.train.ppo_math import (
     token_rewards,
 )
 from corral.train.preference import Reference, build_reference
+from corral.train.rewards import Reward, load_reward
 from corral.train.stages import Stage
 from corral.train.trainer import CorralTrainer
 from corral.utils.errors import CorralError
 
 VALUE_HEAD_FILE = "value_head.safetensors"
-
-# (prompt ids, reply ids) of a batch -> (batch,) scores; the reply ends with its stop token
-# when it stopped.
-Reward = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
 
 
 @dataclass
@@ -348,54 +345,18 @@ def _widen(tensor: torch.Tensor, width: int) -> torch.Tensor:
 def make_trainer(*, config: CorralConfig, template: Any, model: Any, **kwargs: Any) -> PPOTrainer:
     """The ppo stage's trainer for `model` (after `apply_method`), with its reward, reference
     and a fresh value head (zero-initialised, so every first estimate is 0)."""
-    del template  # the chat engine reads the same template from config.model
     hidden = model.get_input_embeddings().embedding_dim  # (a wrapped LM head may hide it)
     value_head = torch.nn.Linear(hidden, 1, dtype=torch.float32)
     torch.nn.init.zeros_(value_head.weight)
     torch.nn.init.zeros_(value_head.bias)
     return PPOTrainer(
         config=config,
-        reward=load_reward(config, kwargs["processing_class"]),
+        reward=load_reward(config, kwargs["processing_class"], template),
         reference=build_reference(config, model),
         value_head=value_head,
         model=model,
         **kwargs,
     )
-
-
-def load_reward(config: CorralConfig, tokenizer: Any) -> Reward:
-    """The reward that `reward_model` names: an rm output folder scoring prompt + reply.
-
-    reward_model_type lora: an rm adapter, loaded on its recorded base (reward_model_adapters
-    merged first) as a second model (LLaMA-Factory swaps it onto the policy's own base
-    instead: less memory, the same scores); full: a whole reward model folder
-    (reward_model_adapters on top). Its tokenizer must be the policy's, since it scores the
-    policy's token ids as they are.
-    """
-    from corral.model.reward import load_reward_model
-
-    method = config.method
-    folder = Path(method.reward_model).expanduser()
-    is_adapter = (folder / "adapter_config.json").is_file()
-    if folder.is_dir() and is_adapter != (method.reward_model_type == "lora"):
-        kind, fix = ("an adapter", "lora") if is_adapter else ("a whole model", "full")
-        raise CorralError(
-            f"reward_model '{method.reward_model}' is {kind} but reward_model_type is "
-            f"{method.reward_model_type}; set reward_model_type: {fix}"
-        )
-    reward_model = load_reward_model(
-        method.reward_model, adapters=method.reward_model_adapters, device=config.model.device
-    )
-    if reward_model.tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise CorralError(
-            f"reward_model '{method.reward_model}' has another tokenizer than the policy; train "
-            "the reward model on the policy's base model (or one with the same tokenizer)"
-        )
-
-    def reward(prompts: list[list[int]], replies: list[list[int]]) -> torch.Tensor:
-        return reward_model.score([p + r for p, r in zip(prompts, replies, strict=True)])
-
-    return reward
 
 
 def _after_training(context: Any) -> dict[str, Any]:
