@@ -123,9 +123,10 @@ def main() -> None:
     systems = args.systems.split(",")
     if workload.stage == "dpo":
         # the hand-written reference loop is an sft loop; DPO compares with LLaMA-Factory
-        systems = [s for s in systems if s == "corral-lora"] or ["corral-lora"]
+        systems = [s for s in systems if s == "corral-lora" or s.startswith("llamafactory")]
+        systems = systems if "corral-lora" in systems else ["corral-lora", *systems]
     if args.with_llamafactory:
-        systems += ["llamafactory-defaults", "llamafactory-tuned"]
+        systems += [s for s in ("llamafactory-defaults", "llamafactory-tuned") if s not in systems]
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         parser.error(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")

@@ -466,6 +466,46 @@ def test_simpo_loss_and_rewards_equal_trls_cpo_loss(tiny_llama_dir, smol_tokeniz
         assert metrics["rewards/rejected"] == pytest.approx(rejected.mean().item(), abs=1e-5)
 
 
+def test_shared_prompt_forward_equals_the_padded_batch(tiny_llama_dir, smol_tokenizer):
+    """pair_logps runs each pair's shared tokens once over a KV cache; its log-probs and the
+    LoRA gradients equal one padded forward over all rows (replies that share their first
+    words, and pairs of different lengths, included)."""
+    from corral.train.preference import pair_logps, sequence_logps
+
+    _, _, policy = _perturbed_full_policy(tiny_llama_dir, "sigmoid", ["finetuning_type=lora"])
+    records = [
+        _record("What is ice?", "Sure. Ice is frozen water.", "Sure! No idea."),
+        _record("Name a fruit, please, any fruit at all.", "An apple.", "I won't, sorry."),
+        _record("Hi", "Hello! How can I help you today?", "Bye."),
+    ]
+    rows, _ = _pairs(records, smol_tokenizer)
+    batch = PairCollator(smol_tokenizer.pad_token_id)(rows.to_list())
+    policy.train()
+
+    def run(logps_of):
+        policy.zero_grad()
+        chosen, rejected = logps_of()
+        (chosen.sum() - 2 * rejected.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        return torch.cat([chosen, rejected]).detach(), grads
+
+    def shared():
+        pairs = pair_logps(policy, batch, average=False)
+        return pairs.chosen, pairs.rejected
+
+    def padded():
+        logps, _ = sequence_logps(policy, batch["input_ids"], batch["labels"])
+        return logps[:3], logps[3:]
+
+    shared_logps, shared_grads = run(shared)
+    padded_logps, padded_grads = run(padded)
+    torch.testing.assert_close(shared_logps, padded_logps, rtol=1e-5, atol=1e-4)
+    assert shared_grads.keys() == padded_grads.keys() and len(shared_grads) > 0
+    for name, grad in padded_grads.items():  # float rounding, relative to the largest entry
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-3, atol=1e-4 * scale)
+
+
 def test_which_reference_is_loaded(tiny_llama_dir):
     from corral.model.load import load_model
     from corral.train.dpo import make_loss

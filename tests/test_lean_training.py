@@ -201,3 +201,28 @@ def test_bf16_weights_train_in_mixed_precision_and_save_as_loaded(tiny_llama_dir
     assert {t.dtype for t in saved.values()} == {torch.bfloat16}
     name = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(saved[name], before.state_dict()[name])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_frozen_head_log_probs_and_gradients_equal_autograds(temperature):
+    """token_logps on a frozen head computes each token's gradient in the forward pass (no
+    logits kept); the log-probs and d/d hidden under unequal per-token weights equal plain
+    autograd's, and more chunks than one are crossed."""
+    from corral.train.loss import CHUNK_TOKENS, token_logps
+
+    generator = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False).requires_grad_(False)
+    count = CHUNK_TOKENS + 37
+    hidden = torch.randn(count, 16, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 300, (count,), generator=generator)
+    weights = torch.randn(count, generator=generator)  # as a loss weighs each token
+
+    fused = token_logps(hidden, targets, head, temperature)
+    (fused_grad,) = torch.autograd.grad((fused * weights).sum(), hidden)
+    logits = head(hidden) / temperature
+    plain = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    (plain_grad,) = torch.autograd.grad((plain * weights).sum(), hidden)
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(fused_grad, plain_grad)
+    with torch.no_grad():  # the reference's path: no gradient buffer
+        torch.testing.assert_close(token_logps(hidden, targets, head, temperature), plain)

@@ -82,10 +82,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         device = hidden.device.type
-        # matmuls in autocast's dtype when it is on (fp32 master weights, bf16 compute), else
-        # in the weights' own; logits, softmax and the sums stay fp32
-        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        compute = compute or weight.dtype
+        compute = _compute_dtype(weight)
         weight_c = weight.to(compute)
         with torch.autocast(device, enabled=False):
             for start in range(0, targets.numel(), CHUNK_TOKENS):
@@ -118,14 +115,23 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None
 
 
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmuls run in: autocast's when it is on (fp32 master weights,
+    bf16 compute), else the weight's own; logits, softmax and the sums stay fp32."""
+    device = weight.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
 def label_logps(
     hidden: torch.Tensor, labels: torch.Tensor, head: Any | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the summed log-probability of its labelled tokens, and how many there are.
 
-    Like `causal_lm_loss`, the head runs only on labelled positions, chunk by chunk; unlike it,
-    each chunk's logits stay alive for backward (preference pairs are short, and per-row sums
-    need the log-softmax itself, not only its gradient).
+    Like `causal_lm_loss`, the head runs only on labelled positions, chunk by chunk. A frozen
+    head (LoRA, freeze) computes each token's gradient in the forward pass too; a trained
+    one keeps each chunk's log-softmax for backward (see `token_logps`).
 
     Args:
         hidden: (rows, seq, hidden) final hidden states, or (rows, seq, vocab) logits when
@@ -159,6 +165,9 @@ def token_logps(
     Returns:
         (n,) fp32 log-probs, differentiable.
     """
+    weight = None if head is None else _plain_linear_weight(head)
+    if weight is not None and not weight.requires_grad:
+        return _FrozenHeadLogps.apply(selected, weight, targets, temperature)
     pieces = [selected.new_zeros(0, dtype=torch.float32)]
     for start in range(0, targets.numel(), CHUNK_TOKENS):
         chunk = selected[start : start + CHUNK_TOKENS]
@@ -168,3 +177,44 @@ def token_logps(
         picked = logits.gather(1, targets[start : start + CHUNK_TOKENS, None]).squeeze(1)
         pieces.append(picked - torch.logsumexp(logits, dim=-1))
     return torch.cat(pieces)
+
+
+class _FrozenHeadLogps(torch.autograd.Function):
+    """log softmax(h @ W.T / T)[y] per token, for a head that is not trained (LoRA, freeze).
+
+    d logp / d h = (one_hot(y) - softmax) @ W / T is the same whatever the loss does with the
+    log-prob afterwards, so it is computed chunk by chunk in the forward pass and backward only
+    scales it by each token's incoming gradient: no chunk's logits outlive its iteration (the
+    autograd version keeps every chunk's log-softmax, n x vocab floats, until backward).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature):  # noqa: D102 - autograd API
+        compute = _compute_dtype(weight)
+        weight_c = weight.to(compute)
+        logps = torch.empty(targets.numel(), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, targets.numel(), CHUNK_TOKENS):
+                y = targets[start : start + CHUNK_TOKENS]
+                logits = (hidden[start : start + CHUNK_TOKENS].to(compute) @ weight_c.t()).float()
+                if temperature != 1.0:
+                    logits /= temperature
+                # log_softmax is one fused kernel; logsumexp then a subtraction took 1.5x as long
+                log_probs = torch.log_softmax(logits, dim=-1)
+                del logits
+                logps[start : start + y.numel()] = log_probs.gather(1, y[:, None]).squeeze(1)
+                if grad_hidden is None:
+                    continue
+                probs = log_probs.exp_().to(compute)  # in place: one buffer
+                step = (weight_c[y] - probs @ weight_c) / temperature
+                grad_hidden[start : start + y.numel()] = step.to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102 - autograd API
+        (grad_hidden,) = ctx.saved_tensors
+        if grad_hidden is None:
+            return None, None, None, None
+        return grad_hidden * grad_output[:, None].to(grad_hidden.dtype), None, None, None
