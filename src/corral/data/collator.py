@@ -84,58 +84,61 @@ def _pad(features: list[dict[str, Any]], key: str, real: Any, fill: int) -> Any:
     return out
 
 
-class PairCollator:
-    """Pads preference pairs into one batch: the chosen sequences first, then the rejected.
-
-    A batch of B pairs becomes 2B rows (row i is pair i's chosen reply, row B + i its rejected
-    one), padded by `Collator`'s rules, so the policy and the reference each run one forward
-    over both sides.
+class _SidesCollator:
+    """Pads the rows each example holds under several column prefixes into one batch: every
+    example's first side, then every example's second side, padded by `Collator`'s rules.
 
     Args:
         pad_token_id: As for `Collator`.
         pad_to_multiple_of: As for `Collator`.
     """
 
+    prefixes: tuple[str, ...] = ()
+
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8):
         self.pad = Collator(pad_token_id, pad_to_multiple_of)
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        """Pad the pairs' chosen_*/rejected_* columns into input_ids, labels, attention_mask
-        and num_real_tokens, chosen rows first."""
+    def _pad_sides(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [
-            {"input_ids": f[f"{side}_input_ids"], "labels": f[f"{side}_labels"]}
-            for side in ("chosen", "rejected")
+            {"input_ids": f[f"{prefix}input_ids"], "labels": f[f"{prefix}labels"]}
+            for prefix in self.prefixes
             for f in features
         ]
         return self.pad(rows)
 
 
-class UnpairedCollator:
+class PairCollator(_SidesCollator):
+    """Pads preference pairs into one batch: the chosen sequences first, then the rejected.
+
+    A batch of B pairs becomes 2B rows (row i is pair i's chosen reply, row B + i its rejected
+    one), so a padded forward (reward models, distributed DPO) runs both sides at once and the
+    shared-prompt path of `corral.train.preference` finds each pair by its row.
+    """
+
+    prefixes = ("chosen_", "rejected_")
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        """Pad the pairs' chosen_*/rejected_* columns into input_ids, labels, attention_mask
+        and num_real_tokens, chosen rows first."""
+        return self._pad_sides(features)
+
+
+class UnpairedCollator(_SidesCollator):
     """Pads unpaired (KTO) examples and their KL rows to one width, with each reply's label.
 
     The batch holds input_ids and labels (the examples), kl_input_ids and kl_labels (their
     mismatched KL rows, see `corral.data.processors.unpaired`), kto_label (bool: the reply is
     desirable) and num_real_tokens over both, as the model runs over both. One width lets the
     reference score examples and KL rows in one forward.
-
-    Args:
-        pad_token_id: As for `Collator`.
-        pad_to_multiple_of: As for `Collator`.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8):
-        self.pad = Collator(pad_token_id, pad_to_multiple_of)
+    prefixes = ("", "kl_")
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         """Pad the examples and their kl_* rows; carry kto_label as a bool tensor."""
         import torch
 
-        rows = [
-            {"input_ids": f[f"{prefix}input_ids"], "labels": f[f"{prefix}labels"]}
-            for prefix in ("", "kl_")
-            for f in features
-        ]
-        padded, n = self.pad(rows), len(features)
+        padded, n = self._pad_sides(features), len(features)
         return {
             "input_ids": padded["input_ids"][:n],
             "labels": padded["labels"][:n],
