@@ -33,7 +33,7 @@ def check_config(config: CorralConfig) -> None:
         _check_method,
         _note_other_stage_keys,
         _check_preference,
-        _check_reward_model,
+        _check_packing_and_eval,
         _check_grpo,
         _check_resume,
         _check_eval,
@@ -143,33 +143,51 @@ def _note_other_stage_keys(config: CorralConfig) -> list[str]:
     return []
 
 
-# What a preference stage batches together, which packing would split.
-_BATCHED_TOGETHER = {
+# Why packing (several examples in one row) does not fit a stage's batches.
+_UNPACKABLE = {
     "dpo": "a chosen and a rejected reply share a prompt and are batched as a pair",
     "kto": "each reply is batched with its KL row (its prompt with another record's reply)",
+    "rm": "each reply is scored at its own last token, chosen and rejected batched as a pair",
+    "ppo": "it answers prompts",
+    "grpo": "it trains on prompts",
 }
+_LOGS_REWARDS = (
+    "set val_size or eval_dataset and the validation loss and rewards are logged during training"
+)
+# What a stage validates with instead of do_eval's perplexity on conversations.
+_VALIDATES_WITH = {
+    "dpo": _LOGS_REWARDS,
+    "kto": _LOGS_REWARDS,
+    "rm": "set val_size or eval_dataset and the validation loss and accuracy are logged during "
+    "training (the last ones go into train_results.json), or run corral eval pref",
+    "ppo": "it logs the reward and kl of its rollouts instead",
+    "grpo": "set val_size or eval_dataset and the validation reward is logged during training",
+}
+
+
+def _check_packing_and_eval(config: CorralConfig) -> list[str]:
+    stage, problems = config.method.stage, []
+    if config.data.packing and stage in _UNPACKABLE:
+        problems.append(
+            f"packing: true does not apply to stage {stage}: {_UNPACKABLE[stage]}; remove packing"
+        )
+    if config.eval.do_eval and stage in _VALIDATES_WITH:
+        problems.append(
+            f"do_eval measures perplexity on conversations; with stage {stage} "
+            f"{_VALIDATES_WITH[stage]}"
+        )
+    return problems
 
 
 def _check_preference(config: CorralConfig) -> list[str]:
     method = config.method
-    if method.stage not in _BATCHED_TOGETHER:
+    if method.stage not in ("dpo", "kto"):
         return []
     problems = _check_dpo_loss(method) if method.stage == "dpo" else []
     if method.ref_model_adapters and not method.ref_model:
         problems.append(
             "ref_model_adapters are loaded on top of ref_model: set ref_model too (without "
             "it the reference is the model being trained, as loaded)"
-        )
-    if config.data.packing:
-        problems.append(
-            f"packing: true does not apply to stage {method.stage}: "
-            f"{_BATCHED_TOGETHER[method.stage]}; remove packing"
-        )
-    if config.eval.do_eval:
-        problems.append(
-            f"do_eval measures perplexity on conversations; with stage {method.stage} set "
-            "val_size or eval_dataset and the validation loss and rewards are logged during "
-            "training"
         )
     return problems
 
@@ -186,24 +204,6 @@ def _check_dpo_loss(method: MethodConfig) -> list[str]:
         problems.append(
             f"pref_loss: {method.pref_loss} uses no reference model; remove ref_model and "
             "ref_model_adapters (or choose sigmoid, hinge or ipo)"
-        )
-    return problems
-
-
-def _check_reward_model(config: CorralConfig) -> list[str]:
-    if config.method.stage != "rm":
-        return []
-    problems = []
-    if config.data.packing:
-        problems.append(
-            "packing: true does not apply to stage rm: each reply is scored at its own last "
-            "token, chosen and rejected batched as a pair; remove packing"
-        )
-    if config.eval.do_eval:
-        problems.append(
-            "do_eval measures perplexity on conversations; with stage rm set val_size or "
-            "eval_dataset and the validation loss and accuracy are logged during training "
-            "(the last ones go into train_results.json), or run corral eval pref"
         )
     return problems
 
@@ -238,13 +238,6 @@ def _check_grpo(config: CorralConfig) -> list[str]:
             "grpo_beta > 0 with finetuning_type full/freeze on top of adapter_name_or_path: "
             "the KL reference would be the base without the adapter; export the merged model "
             "and train from it, use finetuning_type: lora, or set grpo_beta: 0"
-        )
-    if config.data.packing:
-        problems.append("packing: true does not apply to stage grpo (it trains on prompts)")
-    if config.eval.do_eval:
-        problems.append(
-            "do_eval measures perplexity on conversations; with stage grpo set val_size or "
-            "eval_dataset and the validation reward is logged during training"
         )
     return problems
 
@@ -291,12 +284,6 @@ def _check_ppo(config: CorralConfig) -> list[str]:
             "resume_from_checkpoint: stage ppo cannot resume (its value head, KL coefficient "
             "and score statistics are not restored); start a new run, e.g. with the "
             "checkpoint's adapter as adapter_name_or_path"
-        )
-    if config.data.packing:
-        problems.append("packing: true does not apply to stage ppo, which answers prompts")
-    if config.eval.do_eval:
-        problems.append(
-            "do_eval measures perplexity on conversations; stage ppo logs reward and kl instead"
         )
     if config.data.val_size or config.data.eval_dataset:
         config.notes.append(
