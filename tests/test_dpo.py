@@ -719,3 +719,53 @@ def test_lora_learns_a_held_out_preference(
     assert untouched and all(
         torch.equal(tuned_params[n], dict(base.named_parameters())[n]) for n in untouched
     )
+
+
+def test_dpo_on_an_sft_adapter_keeps_the_sft_model_as_reference(tiny_llama_dir, tmp_path):
+    """The README's chain: sft LoRA, then dpo continuing that adapter, with `ref_model` (the
+    base) plus `ref_model_adapters` (the sft adapter) as the reference, which starts equal to
+    the policy; without them the reference is the base with the adapter switched off."""
+    from corral.train.workflow import run_training
+
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    rows = [{"instruction": f"Q: {t}", "output": f"Here is what I know about {t}."} for t in TOPICS]
+    (sft / "chat.json").write_text(json.dumps(rows))
+    (sft / "dataset_info.json").write_text(json.dumps({"chat": {"file_name": "chat.json"}}))
+    run_training(
+        load_config(
+            None,
+            [f"model_name_or_path={tiny_llama_dir}", "stage=sft", "finetuning_type=lora"]
+            + ["dataset=chat", f"dataset_dir={sft}", f"output_dir={sft / 'out'}"]
+            + ["template=chatml", "cutoff_len=64", "learning_rate=1e-2", "max_steps=6"]
+            + ["per_device_train_batch_size=4", "save_steps=1000", "seed=0"],
+        )
+    )
+    first_loss = {}
+    for name, extra in (
+        ("sft reference", [f"ref_model={tiny_llama_dir}", f"ref_model_adapters={sft / 'out'}"]),
+        ("base reference", []),
+    ):
+        folder = tmp_path / name.replace(" ", "-")
+        folder.mkdir()
+        config = _dpo_config(
+            tiny_llama_dir,
+            folder,
+            TOPICS[:8],
+            "finetuning_type=lora",
+            f"adapter_name_or_path={sft / 'out'}",
+            "max_steps=1",
+            *extra,
+        )
+        run_training(config)
+        first_loss[name] = _logs(folder / "out")[0]
+    assert first_loss["sft reference"]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first_loss["sft reference"]["rewards/chosen"] == pytest.approx(0, abs=1e-5)
+    # the sft adapter moved the policy away from the base, which is now the reference
+    # the same policy (the sft adapter) in both runs; only the reference differs
+    sides = ("logps/chosen", "logps/rejected")
+    assert [first_loss["sft reference"][k] for k in sides] == pytest.approx(
+        [first_loss["base reference"][k] for k in sides], rel=1e-5
+    )
+    # the sft adapter moved the policy away from the base, which is then the reference
+    assert abs(first_loss["base reference"]["rewards/chosen"]) > 1e-2, first_loss
