@@ -216,24 +216,40 @@ def test_system_argument_replaces_the_default_but_not_a_system_message():
 
 
 def test_tools_reach_the_template_as_a_list_or_json_text():
+    """Bare definitions (as glaive rows hold them) arrive wrapped as OpenAI's, as HF expects."""
     tokenizer = family_tokenizer("chatml")
-    template = Template("tools", "{{ tools[0]['name'] }}:{{ messages[0]['content'] }}", ())
+    jinja = "{{ tools[0]['type'] }} {{ tools[0]['function']['name'] }}:{{ messages[0]['content'] }}"
+    template = Template("tools", jinja, (), tool_format="qwen")
 
     for tools in ([{"name": "calc"}], '[{"name": "calc"}]'):
         text = render(
             template, tokenizer, conversation("hi"), add_generation_prompt=False, tools=tools
         )
-        assert text == "calc:hi"
+        assert text == "function calc:hi"
     with pytest.raises(CorralError, match="tools is not valid JSON"):
         render(template, tokenizer, conversation("hi"), add_generation_prompt=False, tools="[{")
 
 
 def test_a_role_the_template_cannot_place_is_an_error():
     tokenizer = family_tokenizer("llama2")
-    messages = [*conversation(U1), {"role": "tool", "content": "42"}]
+    messages = [*conversation(U1), {"role": "critic", "content": "42"}]
 
-    with pytest.raises(CorralError, match="'llama2' chat template.*tool message"):
+    with pytest.raises(CorralError, match="'llama2' chat template.*critic message"):
         render(get_template("llama2", tokenizer), tokenizer, messages, add_generation_prompt=True)
+
+
+def test_tools_on_a_template_without_a_tool_format_are_an_error_naming_those_with_one():
+    tokenizer = family_tokenizer("llama2")
+    template = get_template("llama2", tokenizer)
+    with_result = [*conversation(U1), {"role": "tool", "content": "42"}]
+
+    for messages, tools in ((conversation(U1), [{"name": "calc"}]), (with_result, None)):
+        with pytest.raises(
+            CorralError,
+            match="'llama2' chat template has no place for tools.*"
+            r"chatml \(qwen\).*llama3 \(llama3\)",
+        ):
+            render(template, tokenizer, messages, add_generation_prompt=True, tools=tools)
 
 
 # --- Training spans ------------------------------------------------------------------------
