@@ -247,7 +247,7 @@ def test_tools_on_a_template_without_a_tool_format_are_an_error_naming_those_wit
         with pytest.raises(
             CorralError,
             match="'llama2' chat template has no place for tools.*"
-            r"chatml \(qwen\).*llama3 \(llama3\)",
+            r"llama3 \(llama3\).*chatml \(qwen\)",
         ):
             render(template, tokenizer, messages, add_generation_prompt=True, tools=tools)
 
