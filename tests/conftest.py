@@ -15,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "data"  # LLaMA-Factory's demo datasets and registry, shipped in the repository
 LLAMA2_TOKENIZER = Path(__file__).parent / "data" / "llama2-tokenizer"  # Meta's tokenizer.model
+CHAT_TEMPLATES = Path(__file__).parent / "data" / "chat_templates"  # published, see its README
 os.environ.setdefault("CORRAL_HOME", str(REPO / ".corral_home"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -60,6 +61,22 @@ def smol_tokenizer(default_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def llama3_style_tokenizer(default_model_dir):
+    """SmolLM2's tokenizer with Llama 3's special tokens, BOS and end of turn."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    tok.add_special_tokens(
+        {
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|eot_id|>",
+            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"],
+        }
+    )
+    return tok
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import LLAMA2_TOKENIZER
+from conftest import CHAT_TEMPLATES, LLAMA2_TOKENIZER
 from corral.data.templates import (
     Template,
     encode_prompt,
@@ -337,29 +337,13 @@ def test_own_template_prompt_equals_apply_chat_template(smol_tokenizer, system, 
     assert encode_prompt(get_template(None, tok), tok, messages) == reference
 
 
-# The published chat templates, as their models ship them (Qwen2.5's without its tools branch).
+# The published chat templates, as their models ship them.
 CHATML_REFERENCE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
     " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-QWEN25_REFERENCE = """\
-{%- if messages[0]['role'] == 'system' %}
-    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
-{%- else %}
-    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful \
-assistant.<|im_end|>\\n' }}
-{%- endif %}
-{%- for message in messages %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or \
-(message.role == "assistant" and not message.tool_calls) %}
-        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\\n' }}
-{%- endif %}
-"""
+QWEN25_REFERENCE = (CHAT_TEMPLATES / "qwen2.5-instruct.jinja").read_text()
 LLAMA3_REFERENCE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
     "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | "
@@ -367,22 +351,6 @@ LLAMA3_REFERENCE = (
     "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
-
-
-@pytest.fixture(scope="module")
-def llama3_style_tokenizer(default_model_dir):
-    """SmolLM2's tokenizer with Llama 3's special tokens, BOS and end of turn."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(default_model_dir)
-    tok.add_special_tokens(
-        {
-            "bos_token": "<|begin_of_text|>",
-            "eos_token": "<|eot_id|>",
-            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"],
-        }
-    )
-    return tok
 
 
 def reference_ids(tok, messages: list[dict], jinja: str | None, generation: bool) -> list[int]:
