@@ -15,6 +15,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "data"  # LLaMA-Factory's demo datasets and registry, shipped in the repository
 LLAMA2_TOKENIZER = Path(__file__).parent / "data" / "llama2-tokenizer"  # Meta's tokenizer.model
+# Llama 3's tokenizer.json pre-tokenizer pattern (tiktoken's cl100k split).
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 CHAT_TEMPLATES = Path(__file__).parent / "data" / "chat_templates"  # published, see its README
 os.environ.setdefault("CORRAL_HOME", str(REPO / ".corral_home"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,10 +70,16 @@ def smol_tokenizer(default_model_dir):
 
 @pytest.fixture(scope="session")
 def llama3_style_tokenizer(default_model_dir):
-    """SmolLM2's tokenizer with Llama 3's special tokens, BOS and end of turn."""
+    """SmolLM2's tokenizer with Llama 3's special tokens, BOS and end of turn, and Llama 3's
+    pre-tokenizer split (newlines stay together before a word: "\n\n" + "Rome")."""
+    from tokenizers import Regex, pre_tokenizers
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
+    split = pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated")
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
     tok.add_special_tokens(
         {
             "bos_token": "<|begin_of_text|>",

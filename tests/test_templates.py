@@ -277,7 +277,13 @@ def test_chatml_turns_are_exact_prompt_and_response_pieces(smol_tokenizer):
     assert tok.decode(pairs[1][1]) == "Rome.<|im_end|>\n"
 
 
-@pytest.mark.parametrize("name", [None, *sorted(EXPECTED)])
+# SmolLM2 pre-tokenizes like GPT-2: "\n\n" ending a prompt is one token, but "\n\nRome" splits
+# into "\n", "\n", "Rome", so llama3's header end would train other ids than chat prompts with.
+# corral refuses that pair; llama3 is tested on a tokenizer that splits as Llama 3's does.
+ON_SMOL = [None, *sorted(n for n in EXPECTED if n != "llama3")]
+
+
+@pytest.mark.parametrize("name", ON_SMOL)
 def test_turns_concatenate_to_the_whole_tokenization(smol_tokenizer, name):
     tok = smol_tokenizer
     template = get_template(name, tok)
@@ -294,25 +300,13 @@ def test_turns_concatenate_to_the_whole_tokenization(smol_tokenizer, name):
         assert any(word in text for word in template.stop_words)  # trained to stop
 
 
-# SmolLM2 pre-tokenizes like GPT-2: "\n\n" ending a prompt is one token, but "\n\nRome" splits
-# into "\n", "\n", "Rome". Llama 3's own tokenizer keeps newlines together, so only the mismatched
-# pair fails; the SentencePiece test below checks llama3 on a tokenizer where it holds.
-LLAMA3_ON_GPT2_REGEX = pytest.mark.xfail(
-    strict=True, reason="the llama3 generation prompt ends in '\\n\\n', split differently mid-text"
-)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        None,
-        *(n if n != "llama3" else pytest.param(n, marks=LLAMA3_ON_GPT2_REGEX) for n in EXPECTED),
-    ],
-)
+@pytest.mark.parametrize("name", [*ON_SMOL, "llama3"])
 @pytest.mark.parametrize("system", [None, SYS])
-def test_training_prompt_equals_the_inference_prompt(smol_tokenizer, name, system):
+def test_training_prompt_equals_the_inference_prompt(
+    smol_tokenizer, llama3_style_tokenizer, name, system
+):
     """What training sees before reply k is exactly what `chat` feeds the model for reply k."""
-    tok = smol_tokenizer
+    tok = llama3_style_tokenizer if name == "llama3" else smol_tokenizer
     template = get_template(name, tok)
     messages = conversation(U1, A1, U2, A2, "Thanks!", "You're welcome.", system=system)
     replies = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
@@ -323,6 +317,21 @@ def test_training_prompt_equals_the_inference_prompt(smol_tokenizer, name, syste
     for (prompt, response), i in zip(pairs, replies, strict=True):
         assert seen + prompt == encode_prompt(template, tok, messages[:i])
         seen += prompt + response
+
+
+def test_a_template_whose_prompt_tokenizes_apart_from_the_reply_cannot_train(smol_tokenizer):
+    """llama3 on a GPT-2 style tokenizer: the prompt alone ends in "\n\n", one id; before a
+    reply the same text is "\n", "\n". Training would see ids chat never sends: refused."""
+    template = get_template("llama3", smol_tokenizer)
+    messages = conversation(U1, A1)
+    prompt = encode_prompt(template, smol_tokenizer, messages[:1])
+    whole = ids(
+        smol_tokenizer, render(template, smol_tokenizer, messages, add_generation_prompt=False)
+    )
+    assert whole[: len(prompt)] != prompt  # the mismatch being refused
+
+    with pytest.raises(CorralError, match="'llama3' chat template does not suit this tokenizer"):
+        encode_turns(template, smol_tokenizer, messages)
 
 
 @pytest.mark.parametrize("system", [None, SYS])

@@ -221,7 +221,33 @@ def _encode_spans(
         )
     full, spans = _reply_spans(template, tokenizer, messages, tools=tools, system=system)
     ids, starts = tokenize(tokenizer, full, starts=True)
-    return _Encoded(full, ids, starts, spans)
+    encoded = _Encoded(full, ids, starts, spans)
+    _check_prompts_tokenize_alike(template, encoded, tokenizer)
+    return encoded
+
+
+def _check_prompts_tokenize_alike(
+    template: Template, encoded: _Encoded, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Before each reply, training must see the ids `encode_prompt` prompts the model with.
+
+    They differ when the tokenizer splits the end of the template's generation prompt one way
+    alone and another way with the reply after it (Llama 3's "\n\n" header end on a GPT-2
+    style tokenizer gives "\n\n" alone but "\n", "\n" before a word). Only a token straddling
+    the reply's start may differ (it belongs to the prompt, see `token_bounds`).
+    """
+    bounds = zip(encoded.spans, encoded.token_bounds(), strict=True)
+    for k, ((start, _), (_, first, _)) in enumerate(bounds):
+        alone, trained = tokenize(tokenizer, encoded.text[:start])[0], encoded.ids[:first]
+        if alone == trained or (len(alone) == len(trained) and alone[:-1] == trained[:-1]):
+            continue
+        raise CorralError(
+            f"the '{template.name}' chat template does not suit this tokenizer: the prompt "
+            f"before reply {k + 1} tokenizes differently alone ({len(alone)} ids) than followed "
+            f"by the reply ({len(trained)} ids), so the model would be trained on other ids "
+            "than it is prompted with; use the template the model was made for (e.g. leave "
+            f"template empty for the tokenizer's own), one of: {', '.join(template_names())}"
+        )
 
 
 def tokenize(

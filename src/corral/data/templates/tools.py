@@ -23,11 +23,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from corral.config.fields import TOOL_FORMATS
 from corral.data.templates.base import Template
 from corral.data.templates.families import TEMPLATES
 from corral.utils.errors import CorralError
-
-TOOL_FORMATS = ("default", "llama3", "mistral", "qwen")
 
 # Roles of a record (corral.data.records) and of an OpenAI request that only a template with a
 # tool format can place.
