@@ -170,3 +170,13 @@ def reward_folder(tiny_llama_dir, tmp_path_factory) -> Path:
     ]
     run_training(load_config(None, keys))
     return folder / "rm"
+
+
+@pytest.fixture(scope="session")
+def tool_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The tiny Llama trained to call get_weather and answer with its result (`tool_helpers`)."""
+    from tool_helpers import train_on_exchange
+
+    folder = tmp_path_factory.mktemp("tool-llama")
+    train_on_exchange(tiny_llama_dir, folder)
+    return folder

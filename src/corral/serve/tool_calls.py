@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from corral.serve.protocol import ChatCompletionRequest, NamedToolChoice, ParamError
+from corral.utils.errors import CorralError
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,13 @@ def tool_plan(body: ChatCompletionRequest, template: Any) -> ToolPlan:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ParamError(f"tools define {', '.join(repeated)} more than once", "tools")
-    if template.tool_format is None:
-        raise ParamError(
-            f"the '{template.name}' chat template has no tool-call format, so a request with "
-            "`tools` cannot be answered; serve the model with one that has (e.g. "
-            "--template qwen or --template chatml), or send the request without tools",
-            "tools",
-        )
     from corral.data.templates import call_prefix
+    from corral.data.templates.tools import check_can_render_tools
+
+    try:
+        check_can_render_tools(template)
+    except CorralError as exc:  # named here: a template without a format would drop the tools
+        raise ParamError(f"`tools` cannot be served: {exc}", "tools") from exc
 
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in names:
