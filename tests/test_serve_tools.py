@@ -133,11 +133,6 @@ def test_tool_choice_none_answers_without_calls(client):
     assert calls == [] and content == reply.choices[0].message.content
 
 
-def test_parallel_tool_calls_false_is_accepted(client):
-    reply = _ask(client, [QUESTION], tool_choice=FORCE_WEATHER, parallel_tool_calls=False)
-    _one_weather_call(reply.choices[0].message)
-
-
 @pytest.mark.parametrize(
     ("change", "param", "message"),
     [
@@ -239,3 +234,22 @@ def test_a_streamed_reply_says_what_the_whole_reply_says(smol_tokenizer, reply, 
         )
     else:
         assert calls == [] and message == {"role": "assistant", "content": reply}
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call(client, smol_tokenizer):
+    from corral.data.templates import get_template
+    from corral.serve.tool_calls import ToolPlan, reply_message
+
+    time_call = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    both = f"{CALL_TEXT}\n{time_call}"
+
+    def called(first_only: bool) -> tuple[list, list]:
+        plan = ToolPlan(get_template(TEMPLATE, smol_tokenizer), TOOLS, True, "", first_only)
+        whole = reply_message(plan, both, "stop")[0]["tool_calls"]
+        streamed = [c for c in _fed(plan, [both])[1] if "name" in c["function"]]
+        return [c["function"]["name"] for c in whole], [c["function"]["name"] for c in streamed]
+
+    assert called(False) == (["get_weather", "get_time"], ["get_weather", "get_time"])
+    assert called(True) == (["get_weather"], ["get_weather"])
+    reply = _ask(client, [QUESTION], tool_choice=FORCE_WEATHER, parallel_tool_calls=False)
+    _one_weather_call(reply.choices[0].message)
