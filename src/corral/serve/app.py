@@ -5,8 +5,9 @@
 
 Every error is OpenAI's JSON (`{"error": {"message", "type", "param", "code"}}`): 401 for a
 missing or wrong key, 422 for malformed JSON or wrong types, 400 for a prompt that does not fit
-the model's context or tools the request or template cannot use, 413 for an oversized body. A client that disconnects (mid-stream, or while
-waiting for a whole reply) cancels its request, which frees its place in the batch.
+the model's context or tools the request or template cannot use (see `tool_calls`), 413 for an
+oversized body. A client that disconnects (mid-stream, or while waiting for a whole reply)
+cancels its request, which frees its place in the batch.
 """
 
 from __future__ import annotations

@@ -70,9 +70,8 @@ def tool_plan(body: ChatCompletionRequest, template: Any) -> ToolPlan:
 
     try:
         check_can_render_tools(template)
-    except CorralError as exc:  # named here: a template without a format would drop the tools
+    except CorralError as exc:  # a 400 naming the field, never a reply that ignores the tools
         raise ParamError(f"`tools` cannot be served: {exc}", "tools") from exc
-
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in names:
             raise ParamError(
