@@ -15,6 +15,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "data"  # LLaMA-Factory's demo datasets and registry, shipped in the repository
 LLAMA2_TOKENIZER = Path(__file__).parent / "data" / "llama2-tokenizer"  # Meta's tokenizer.model
+# Llama 3's tokenizer.json pre-tokenizer pattern (tiktoken's cl100k split).
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+CHAT_TEMPLATES = Path(__file__).parent / "data" / "chat_templates"  # published, see its README
 os.environ.setdefault("CORRAL_HOME", str(REPO / ".corral_home"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -60,6 +66,28 @@ def smol_tokenizer(default_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def llama3_style_tokenizer(default_model_dir):
+    """SmolLM2's tokenizer with Llama 3's special tokens, BOS and end of turn, and Llama 3's
+    pre-tokenizer split (newlines stay together before a word: "\n\n" + "Rome")."""
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    split = pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated")
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tok.add_special_tokens(
+        {
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|eot_id|>",
+            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"],
+        }
+    )
+    return tok
 
 
 @pytest.fixture(scope="session")
@@ -142,3 +170,13 @@ def reward_folder(tiny_llama_dir, tmp_path_factory) -> Path:
     ]
     run_training(load_config(None, keys))
     return folder / "rm"
+
+
+@pytest.fixture(scope="session")
+def tool_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The tiny Llama trained to call get_weather and answer with its result (`tool_helpers`)."""
+    from tool_helpers import train_on_exchange
+
+    folder = tmp_path_factory.mktemp("tool-llama")
+    train_on_exchange(tiny_llama_dir, folder)
+    return folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -182,6 +183,43 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(default_model_dir):
     time.sleep(1.0)  # a few words in
     os.write(fd, b"\x03")  # Ctrl-C on the terminal: SIGINT to corral chat
     assert b"[stopped]" in _read_until(fd, b"User: ")
+    os.write(fd, b"/exit\n")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_prompt_with_tools_shows_the_call(tool_llama_dir, tmp_path):
+    from tool_helpers import QUESTION, TEMPLATE, TOOLS
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    args = ("chat", "--model", str(tool_llama_dir), "--tools", str(tools), "--temperature", "0")
+    args += ("--max-new-tokens", "48")
+    done = _corral(*args, "--template", TEMPLATE, "--prompt", QUESTION["content"])
+    assert done.returncode == 0, done.stderr
+    assert '→ get_weather({"city":"Paris"})' in done.stdout.splitlines()
+    refused = _corral(*args, "--template", "llama2", "--prompt", QUESTION["content"])
+    assert refused.returncode == 1
+    assert "'llama2' chat template has no place for tools" in refused.stderr
+
+
+def test_interactive_tool_call_answered_with_slash_tool(tool_llama_dir, tmp_path):
+    from tool_helpers import ANSWER, QUESTION, RESULT, TEMPLATE, TOOLS
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    pid, fd = pty.fork()
+    if pid == 0:
+        args = ["chat", "--model", str(tool_llama_dir), "--template", TEMPLATE, "--tools"]
+        args += [str(tools), "--temperature", "0", "--max-new-tokens", "48"]
+        os.execv(sys.executable, [sys.executable, "-m", "corral", *args])
+    _read_until(fd, b"User: ")
+    os.write(fd, b"/tool too early\n")
+    assert b"(no tool call to answer)" in _read_until(fd, b"User: ")
+    os.write(fd, QUESTION["content"].encode() + b"\n")
+    assert '→ get_weather({"city":"Paris"})'.encode() in _read_until(fd, b"User: ")
+    os.write(fd, f"/tool {RESULT}\n".encode())
+    assert ANSWER.encode() in _read_until(fd, b"User: ")
     os.write(fd, b"/exit\n")
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0

@@ -237,7 +237,6 @@ def test_replace_revalidates():
         ("label_smoothing_factor=0.1", "label smoothing"),
         ("load_best_model_at_end=true", "saves the last model"),
         ("dataloader_drop_last=true", "last partial batch"),
-        ("tool_format=qwen", "tool-calling"),
         ("num_beams=4", "greedily or by sampling"),
         ("export_quantization_bit=4", "GPTQ"),
         ("auto_find_batch_size=true", "per_device_train_batch_size"),
@@ -306,3 +305,11 @@ def test_implemented_llamafactory_keys_map_onto_corral_settings():
 def test_an_unknown_training_argument_is_refused_by_default():
     with pytest.raises(ConfigError, match="TrainingArguments option corral does not pass"):
         load_config(None, ["liger_kernel_config=x"])
+
+
+def test_tool_format_is_llama_factorys_key_and_names_what_is_built():
+    """The template decides the format; the key may name it (checked against the template when
+    the tokenizer is loaded) and glm4, which corral does not write, is an error naming the rest."""
+    assert load_config(None, ["template=chatml", "tool_format=qwen"]).model.tool_format == "qwen"
+    with pytest.raises(ConfigError, match="tool_format: 'glm4' is not one of: default, llama3"):
+        load_config(None, ["tool_format=glm4"])

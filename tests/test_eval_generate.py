@@ -136,3 +136,45 @@ def test_empty_dataset_and_documents_are_errors(tmp_path, tiny_llama_dir):
         run_generate(_config(tiny_llama_dir, docs, tmp_path / "out", "template=chatml"))
     with pytest.raises(CorralError, match="pass --output DIR"):
         run_generate(load_config(None, [f"dataset={docs}"]))
+
+
+def test_tool_call_references_are_scored_as_calls(tool_llama_dir, tmp_path):
+    """Glaive-style rows whose reference is a function_call turn: the model (trained to call
+    get_weather for Paris) is scored on parsing, the function's name and the arguments."""
+    from tool_helpers import ANSWER, QUESTION, RESULT, TEMPLATE, TOOLS
+
+    def call(name: str, **arguments) -> dict:
+        return {
+            "from": "function_call",
+            "value": json.dumps({"name": name, "arguments": arguments}),
+        }
+
+    ask = {"from": "human", "value": QUESTION["content"]}
+    tools = json.dumps([tool["function"] for tool in TOOLS])  # bare, as glaive rows hold them
+    conversations = [
+        [ask, call("get_weather", city="Paris")],  # the call the model learned
+        [ask, call("get_weather", city="London")],  # the right function, other arguments
+        [ask, call("get_time")],  # another function
+        [ask, call("get_weather", city="Paris"), {"from": "observation", "value": RESULT}]
+        + [{"from": "gpt", "value": ANSWER}],  # a text reply: scored as text only
+    ]
+    rows = [{"conversations": c, "tools": tools} for c in conversations]
+    (tmp_path / "calls.json").write_text(json.dumps(rows))
+    columns = {"messages": "conversations", "tools": "tools"}
+    entry = {"file_name": "calls.json", "formatting": "sharegpt", "columns": columns}
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"calls": entry}))
+    out = tmp_path / "eval"
+    extra = (f"dataset_dir={tmp_path}", f"template={TEMPLATE}", "max_new_tokens=48")
+    run_generate(_config(tool_llama_dir, "calls", out, *extra))
+    result = _check_folder(out, 4)
+    metrics, rows = result["metrics"], result["rows"]
+    assert metrics["tool_call_examples"] == 3
+    assert metrics["tool_call_parse_rate"] == 1.0
+    assert metrics["tool_name_accuracy"] == pytest.approx(2 / 3)
+    assert metrics["tool_arguments_exact"] == pytest.approx(1 / 3)
+    paris = [{"name": "get_weather", "arguments": '{"city":"Paris"}'}]
+    assert [row["predicted_calls"] for row in rows[:3]] == [paris] * 3
+    assert rows[1]["reference_calls"] == [{"name": "get_weather", "arguments": {"city": "London"}}]
+    flags = [(r["tool_name_match"], r["tool_arguments_exact"]) for r in rows[:3]]
+    assert flags == [(True, True), (True, False), (False, False)]
+    assert "reference_calls" not in rows[3] and rows[3]["prediction"] == ANSWER

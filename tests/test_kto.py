@@ -15,7 +15,6 @@ from corral.config.fields import DataConfig, ModelConfig
 from corral.data.collator import UnpairedCollator
 from corral.data.processors import (
     IGNORE_INDEX,
-    TOOL_CALLS,
     encode_conversations,
     process_records,
 )
@@ -102,7 +101,8 @@ def test_dropped_records_keep_labels_aligned(smol_tokenizer):
     )
     records = [_record(["a", "A."], False), tool, _record(["b", "B."], True)]
     rows, stats = _rows(records, smol_tokenizer)
-    assert stats.dropped == {TOOL_CALLS: 1} and stats.first_dropped[TOOL_CALLS] == "t:2"
+    [reason] = stats.dropped  # a call without a name
+    assert reason.startswith("a tool call must be JSON") and stats.first_dropped[reason] == "t:2"
     assert rows["kto_label"] == [False, True]
     replies = [smol_tokenizer.decode(r["input_ids"][_prompt_len(r["labels"]) :]) for r in rows]
     assert replies == ["A.<|im_end|>\n", "B.<|im_end|>\n"]

@@ -15,7 +15,6 @@ from corral.data.processors import (
     NO_REPLY,
     NO_TRAINABLE,
     SPLIT,
-    TOOL_CALLS,
     TRUNCATED,
     TRUNCATED_RESPONSE,
     DataStats,
@@ -29,7 +28,8 @@ from corral.data.processors import (
 )
 from corral.data.processors.truncation import share_budget
 from corral.data.records import Record
-from corral.data.templates import get_template, template_names
+from corral.data.templates import chat_tools, get_template
+from corral.data.templates.families import TEMPLATES
 from corral.utils.errors import DataError
 
 X = IGNORE_INDEX
@@ -303,26 +303,24 @@ def test_summary_names_the_counts(smol_tokenizer, chatml):
     json.loads(stats.to_json())
 
 
-@pytest.mark.parametrize("name", [None, *template_names()])
-def test_tool_call_rows_are_refused_by_every_template(smol_tokenizer, demo_dir, name):
-    """Until a template can place tool calls, none may train them as other roles (chatml would
-    render "<|im_start|>function_call") or drop the tool definitions silently."""
+NO_TOOL_FORMAT = [name for name, t in TEMPLATES.items() if t.tool_format is None]
+
+
+@pytest.mark.parametrize("name", [None, *NO_TOOL_FORMAT])
+def test_tool_rows_are_dropped_by_templates_without_a_tool_format(smol_tokenizer, demo_dir, name):
+    """A template with no place for tools may not train calls as other roles (a plain ChatML
+    would render "<|im_start|>function_call") or drop the tool definitions silently."""
     spec = DataConfig(dataset_dir=str(demo_dir), dataset=["glaive_toolcall_en_demo"])
     glaive = load_records(spec, seed=0).train
-    calls = Record(
-        [{"role": "user", "content": "2+3?"}, {"role": "function_call", "content": "{}"}]
-    )
-    calls.messages += [{"role": "tool", "content": "5"}, {"role": "assistant", "content": "5."}]
-    defined = _conversation("Hi", "Hello!")
-    defined.tools = '[{"name": "add"}]'
-    template = get_template(name, smol_tokenizer)
+    template = get_template(name, smol_tokenizer)  # None: SmolLM2's own, which has no tools
 
-    encoded = encode_conversations([*glaive, calls, defined], smol_tokenizer, template, _data())
+    encoded = encode_conversations(glaive, smol_tokenizer, template, _data())
 
-    assert {e.status for e in encoded} == {TOOL_CALLS}
-    assert sum(any(m["role"] == "function_call" for m in r.messages) for r in glaive) == 153
-    if name is None:
-        examples, stats = process_records(
-            glaive, _data(), smol_tokenizer, template, kind="conversation"
-        )
-        assert len(examples) == 0 and stats.dropped == {TOOL_CALLS: len(glaive)}
+    refused = ["chat template has no place for tools" in e.status for e in encoded]
+    with_tools = [bool(chat_tools(r.tools)) or "function_call" in roles(r) for r in glaive]
+    assert refused == with_tools  # rows whose tools column is "[]" and make no call train
+    assert sum(with_tools) == 191 and sum("function_call" in roles(r) for r in glaive) == 153
+
+
+def roles(record: Record) -> list[str]:
+    return [m["role"] for m in record.messages]

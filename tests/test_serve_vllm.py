@@ -232,3 +232,40 @@ def test_adapters_and_gguf_files_are_refused_with_the_fix(monkeypatch, tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(CorralError, match="needs a CUDA GPU"):
         load_backend("vllm", ModelConfig(), 8)
+
+
+def test_tool_calls_through_vllm_share_the_template_rendering_and_parsing(
+    monkeypatch, tiny_llama_dir
+):
+    """The API on the vLLM backend: tools rendered into the prompt ids, a named tool_choice
+    pre-filled, and vLLM's reply parsed into tool_calls, as with the other backends."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from corral.serve.app import create_app
+    from corral.serve.backends import load_backend
+    from tool_helpers import QUESTION, TOOLS
+
+    vllm, sampling = _fake_vllm()
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sampling)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config = ModelConfig(model_name_or_path=str(tiny_llama_dir), template="chatml")
+    backend = load_backend("vllm", config, 4)
+    backend.engine.plan = [_ids(backend, ' {"city": "Paris"}}\n</tool_call>')]
+    body = {
+        "messages": [QUESTION],
+        "tools": TOOLS,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "max_tokens": 40,
+    }
+    with TestClient(create_app(backend, served_model_name="fake")) as client:
+        reply = client.post("/v1/chat/completions", json=body).json()
+    (prompt, _, _), *_ = backend.engine.requests
+    forced = '<tool_call>\n{"name": "get_weather", "arguments":'
+    assert prompt["prompt_token_ids"] == backend.chat_ids([QUESTION], TOOLS, forced)
+    assert backend.tokenizer.decode(prompt["prompt_token_ids"]).endswith(forced)
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city":"Paris"}'}

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import LLAMA2_TOKENIZER
+from conftest import CHAT_TEMPLATES, LLAMA2_TOKENIZER
 from corral.data.templates import (
     Template,
     encode_prompt,
@@ -216,24 +216,40 @@ def test_system_argument_replaces_the_default_but_not_a_system_message():
 
 
 def test_tools_reach_the_template_as_a_list_or_json_text():
+    """Bare definitions (as glaive rows hold them) arrive wrapped as OpenAI's, as HF expects."""
     tokenizer = family_tokenizer("chatml")
-    template = Template("tools", "{{ tools[0]['name'] }}:{{ messages[0]['content'] }}", ())
+    jinja = "{{ tools[0]['type'] }} {{ tools[0]['function']['name'] }}:{{ messages[0]['content'] }}"
+    template = Template("tools", jinja, (), tool_format="qwen")
 
     for tools in ([{"name": "calc"}], '[{"name": "calc"}]'):
         text = render(
             template, tokenizer, conversation("hi"), add_generation_prompt=False, tools=tools
         )
-        assert text == "calc:hi"
+        assert text == "function calc:hi"
     with pytest.raises(CorralError, match="tools is not valid JSON"):
         render(template, tokenizer, conversation("hi"), add_generation_prompt=False, tools="[{")
 
 
 def test_a_role_the_template_cannot_place_is_an_error():
     tokenizer = family_tokenizer("llama2")
-    messages = [*conversation(U1), {"role": "tool", "content": "42"}]
+    messages = [*conversation(U1), {"role": "critic", "content": "42"}]
 
-    with pytest.raises(CorralError, match="'llama2' chat template.*tool message"):
+    with pytest.raises(CorralError, match="'llama2' chat template.*critic message"):
         render(get_template("llama2", tokenizer), tokenizer, messages, add_generation_prompt=True)
+
+
+def test_tools_on_a_template_without_a_tool_format_are_an_error_naming_those_with_one():
+    tokenizer = family_tokenizer("llama2")
+    template = get_template("llama2", tokenizer)
+    with_result = [*conversation(U1), {"role": "tool", "content": "42"}]
+
+    for messages, tools in ((conversation(U1), [{"name": "calc"}]), (with_result, None)):
+        with pytest.raises(
+            CorralError,
+            match="'llama2' chat template has no place for tools.*"
+            r"llama3 \(llama3\).*chatml \(qwen\)",
+        ):
+            render(template, tokenizer, messages, add_generation_prompt=True, tools=tools)
 
 
 # --- Training spans ------------------------------------------------------------------------
@@ -261,7 +277,13 @@ def test_chatml_turns_are_exact_prompt_and_response_pieces(smol_tokenizer):
     assert tok.decode(pairs[1][1]) == "Rome.<|im_end|>\n"
 
 
-@pytest.mark.parametrize("name", [None, *sorted(EXPECTED)])
+# SmolLM2 pre-tokenizes like GPT-2: "\n\n" ending a prompt is one token, but "\n\nRome" splits
+# into "\n", "\n", "Rome", so llama3's header end would train other ids than chat prompts with.
+# corral refuses that pair; llama3 is tested on a tokenizer that splits as Llama 3's does.
+ON_SMOL = [None, *sorted(n for n in EXPECTED if n != "llama3")]
+
+
+@pytest.mark.parametrize("name", ON_SMOL)
 def test_turns_concatenate_to_the_whole_tokenization(smol_tokenizer, name):
     tok = smol_tokenizer
     template = get_template(name, tok)
@@ -278,25 +300,13 @@ def test_turns_concatenate_to_the_whole_tokenization(smol_tokenizer, name):
         assert any(word in text for word in template.stop_words)  # trained to stop
 
 
-# SmolLM2 pre-tokenizes like GPT-2: "\n\n" ending a prompt is one token, but "\n\nRome" splits
-# into "\n", "\n", "Rome". Llama 3's own tokenizer keeps newlines together, so only the mismatched
-# pair fails; the SentencePiece test below checks llama3 on a tokenizer where it holds.
-LLAMA3_ON_GPT2_REGEX = pytest.mark.xfail(
-    strict=True, reason="the llama3 generation prompt ends in '\\n\\n', split differently mid-text"
-)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        None,
-        *(n if n != "llama3" else pytest.param(n, marks=LLAMA3_ON_GPT2_REGEX) for n in EXPECTED),
-    ],
-)
+@pytest.mark.parametrize("name", [*ON_SMOL, "llama3"])
 @pytest.mark.parametrize("system", [None, SYS])
-def test_training_prompt_equals_the_inference_prompt(smol_tokenizer, name, system):
+def test_training_prompt_equals_the_inference_prompt(
+    smol_tokenizer, llama3_style_tokenizer, name, system
+):
     """What training sees before reply k is exactly what `chat` feeds the model for reply k."""
-    tok = smol_tokenizer
+    tok = llama3_style_tokenizer if name == "llama3" else smol_tokenizer
     template = get_template(name, tok)
     messages = conversation(U1, A1, U2, A2, "Thanks!", "You're welcome.", system=system)
     replies = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
@@ -307,6 +317,21 @@ def test_training_prompt_equals_the_inference_prompt(smol_tokenizer, name, syste
     for (prompt, response), i in zip(pairs, replies, strict=True):
         assert seen + prompt == encode_prompt(template, tok, messages[:i])
         seen += prompt + response
+
+
+def test_a_template_whose_prompt_tokenizes_apart_from_the_reply_cannot_train(smol_tokenizer):
+    """llama3 on a GPT-2 style tokenizer: the prompt alone ends in "\n\n", one id; before a
+    reply the same text is "\n", "\n". Training would see ids chat never sends: refused."""
+    template = get_template("llama3", smol_tokenizer)
+    messages = conversation(U1, A1)
+    prompt = encode_prompt(template, smol_tokenizer, messages[:1])
+    whole = ids(
+        smol_tokenizer, render(template, smol_tokenizer, messages, add_generation_prompt=False)
+    )
+    assert whole[: len(prompt)] != prompt  # the mismatch being refused
+
+    with pytest.raises(CorralError, match="'llama3' chat template does not suit this tokenizer"):
+        encode_turns(template, smol_tokenizer, messages)
 
 
 @pytest.mark.parametrize("system", [None, SYS])
@@ -321,29 +346,13 @@ def test_own_template_prompt_equals_apply_chat_template(smol_tokenizer, system, 
     assert encode_prompt(get_template(None, tok), tok, messages) == reference
 
 
-# The published chat templates, as their models ship them (Qwen2.5's without its tools branch).
+# The published chat templates, as their models ship them.
 CHATML_REFERENCE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
     " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-QWEN25_REFERENCE = """\
-{%- if messages[0]['role'] == 'system' %}
-    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
-{%- else %}
-    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful \
-assistant.<|im_end|>\\n' }}
-{%- endif %}
-{%- for message in messages %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or \
-(message.role == "assistant" and not message.tool_calls) %}
-        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\\n' }}
-{%- endif %}
-"""
+QWEN25_REFERENCE = (CHAT_TEMPLATES / "qwen2.5-instruct.jinja").read_text()
 LLAMA3_REFERENCE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
     "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | "
@@ -351,22 +360,6 @@ LLAMA3_REFERENCE = (
     "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
-
-
-@pytest.fixture(scope="module")
-def llama3_style_tokenizer(default_model_dir):
-    """SmolLM2's tokenizer with Llama 3's special tokens, BOS and end of turn."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(default_model_dir)
-    tok.add_special_tokens(
-        {
-            "bos_token": "<|begin_of_text|>",
-            "eos_token": "<|eot_id|>",
-            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"],
-        }
-    )
-    return tok
 
 
 def reference_ids(tok, messages: list[dict], jinja: str | None, generation: bool) -> list[int]:

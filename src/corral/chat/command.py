@@ -3,16 +3,22 @@
     corral chat                                  # the default model
     corral chat --adapter saves/quickstart       # a tuned adapter with its base and template
     corral chat --prompt "Who are you?" --temperature 0    # one reply on stdout, for scripts
+    corral chat --template qwen --tools tools.json  # the model may call the tools in the file
 
 In the interactive session `/clear` forgets the history, `/exit` (or Ctrl-D) quits, and Ctrl-C
-stops the reply being written without ending the session.
+stops the reply being written without ending the session. With `--tools` (a JSON file holding an
+OpenAI `tools` list), a reply that calls a tool is shown as `→ get_weather({"city": "Paris"})`,
+and `/tool TEXT` answers the oldest unanswered call as the tool would; the model then goes on.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import threading
+import uuid
+from pathlib import Path
 
 from corral.config.cli_args import add_config_args, config_from_args
 
@@ -31,6 +37,7 @@ FLAGS = {
 }
 
 HELP = "commands: /clear forgets the conversation, /exit quits; Ctrl-C stops a reply"
+TOOL_HELP = "/tool TEXT answers the model's oldest unanswered tool call with TEXT"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             flag, dest=key, default=None, help=table[key][1].metadata["help"], **kwargs
         )
     parser.add_argument("--prompt", help="Answer this one message, print only the reply, and exit.")
+    parser.add_argument(
+        "--tools",
+        metavar="FILE",
+        help="A JSON file with OpenAI tool definitions (a `tools` list) the model may call; "
+        "calls are shown as → name(arguments) and answered with /tool TEXT.",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,22 +70,51 @@ def run(args: argparse.Namespace) -> int:
     for note in config.notes:
         get_logger().warning(note)
     engine = ChatEngine(config.model, config.generation)
+    tools = read_tools(args.tools, engine.template) if args.tools else None
     if args.prompt is not None:
-        for piece in engine.stream([{"role": "user", "content": args.prompt}]):
+        text = ""
+        for piece in engine.stream([{"role": "user", "content": args.prompt}], tools=tools):
+            text += piece
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        _assistant_turn(engine, text, tools)
         return 0
-    return interactive(engine)
+    return interactive(engine, tools)
 
 
-def interactive(engine) -> int:
+def read_tools(path: str, template) -> list[dict]:
+    """The OpenAI `tools` list in the JSON file `path`, for a template that can call tools.
+
+    Raises:
+        CorralError: unreadable file, not a list of tools, or a template without a tool format.
+    """
+    from corral.data.templates.tools import check_can_render_tools
+    from corral.utils.errors import CorralError
+
+    check_can_render_tools(template)
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CorralError(f"--tools {path}: cannot read a JSON file ({exc})") from exc
+    if not isinstance(tools, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("function"), dict) for t in tools
+    ):
+        raise CorralError(
+            f'--tools {path}: expected a list like [{{"type": "function", "function": '
+            f'{{"name": ..., "parameters": {{...}}}}}}]'
+        )
+    return tools
+
+
+def interactive(engine, tools: list[dict] | None = None) -> int:
     """The read-reply loop; returns the exit code."""
     print(
         f"corral chat — {engine.model_config.model_name_or_path} ({engine.template.name} template)"
     )
-    print(HELP)
+    print(HELP + (f"; {TOOL_HELP}" if tools else ""))
     history: list[dict] = []
+    unanswered: list[str] = []  # ids of the last reply's tool calls, oldest first
     while True:
         try:
             text = input("\nUser: ").strip()
@@ -83,23 +125,67 @@ def interactive(engine) -> int:
             return 0
         if text == "/clear":
             history.clear()
+            unanswered.clear()
             print("(history cleared)")
             continue
         if not text:
             continue
-        reply = _reply(engine, [*history, {"role": "user", "content": text}])
+        turn = _user_turn(text, unanswered)
+        if turn is None:
+            print("(no tool call to answer)")
+            continue
+        if turn["role"] == "tool" and unanswered:  # the model goes on once every call has a result
+            history.append(turn)
+            print(f"(answered; {len(unanswered)} call(s) left)")
+            continue
+        reply = _reply(engine, [*history, turn], tools)
         if reply is not None:
-            history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+            history += [turn, reply]
+            unanswered = [call["id"] for call in reply.get("tool_calls", [])]
 
 
-def _reply(engine, messages: list[dict]) -> str | None:
-    """Stream one reply; Ctrl-C ends it early and keeps what was written; None on error."""
+def _user_turn(text: str, unanswered: list[str]) -> dict | None:
+    """The turn the user typed: a message, or with `/tool` the result of the oldest unanswered
+    call (taken off `unanswered`); None for `/tool` when no call waits for a result."""
+    if not text.startswith("/tool"):
+        return {"role": "user", "content": text}
+    if not unanswered:
+        return None
+    return {"role": "tool", "tool_call_id": unanswered.pop(0), "content": text[5:].strip()}
+
+
+def _assistant_turn(engine, text: str, tools: list[dict] | None) -> dict:
+    """The reply as a history turn; with tools, the calls the template reads in it are shown
+    (`→ name(arguments)`) and kept as OpenAI `tool_calls`."""
+    calls = []
+    if tools:
+        from corral.data.templates import parse_reply
+
+        content, calls = parse_reply(engine.template, text)
+    if not calls:
+        return {"role": "assistant", "content": text}
+    for call in calls:
+        print(f"→ {call.name}({call.arguments})", flush=True)
+    wire = [
+        {
+            "id": f"call_{uuid.uuid4().hex[:8]}",
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments},
+        }
+        for call in calls
+    ]
+    return {"role": "assistant", "content": content, "tool_calls": wire}
+
+
+def _reply(engine, messages: list[dict], tools: list[dict] | None) -> dict | None:
+    """Stream one reply and return it as a history turn; Ctrl-C ends it early and keeps what
+    was written; None on error."""
     from corral.utils.errors import CorralError
 
     stop = threading.Event()
     text = ""
     print("Assistant: ", end="", flush=True)
-    stream = engine.stream(messages, stop_event=stop)
+    stream = engine.stream(messages, tools=tools, stop_event=stop)
     while True:
         try:
             piece = next(stream)
@@ -115,4 +201,4 @@ def _reply(engine, messages: list[dict]) -> str | None:
         text += piece
         print(piece, end="", flush=True)
     print()
-    return text
+    return _assistant_turn(engine, text, tools)

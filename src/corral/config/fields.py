@@ -37,6 +37,9 @@ IMPLEMENTED_STAGES = ("pt", "sft", "dpo", "kto", "rm", "ppo", "grpo")
 # LLaMA-Factory users may write these as stages; they mean dpo with this pref_loss.
 STAGE_SHORTHANDS = {"orpo": "orpo", "simpo": "simpo"}
 PREFERENCE_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
+# How chat templates write tools (LLaMA-Factory's tool_format names); corral.data.templates.tools
+# renders and parses them.
+TOOL_FORMATS = ("default", "llama3", "mistral", "qwen")
 # Losses that compare the policy with itself only: no reference model is loaded for them.
 REFERENCE_FREE_LOSSES = ("orpo", "simpo")
 SCHEDULERS = (
@@ -66,6 +69,14 @@ class ModelConfig:
         None,
         "Chat template name (e.g. chatml, llama3, alpaca). Empty: the one recorded with the "
         "model or adapter, else the tokenizer's own chat template.",
+    )
+    tool_format: str | None = opt(
+        None,
+        "How tools, tool calls and results are written (LLaMA-Factory's key). Each template "
+        "writes one: chatml and qwen write qwen, llama3 llama3, mistral mistral, default "
+        "default; a tokenizer's own template is recognised. Empty: the template's; another "
+        "value is an error.",
+        choices=TOOL_FORMATS,
     )
     default_system: str | None = opt(None, "System prompt used when a conversation has none.")
     device: str = opt("auto", "Device: auto (CUDA if present, else CPU), cpu, cuda, cuda:N, mps.")

@@ -174,7 +174,6 @@ REFUSED_KEYS = {
     "accelerator_config": _DISTRIBUTED,
     "parallelism_config": _DISTRIBUTED,
     # data
-    "tool_format": "tool-calling templates are not built yet; tool-call rows are dropped",
     "disable_shuffling": "corral shuffles (by length groups) with `seed`; set seed to change it",
     "dataloader_drop_last": "corral trains on every example, the last partial batch too",
     "dataloader_in_order": "corral's batch order comes from `seed`",

@@ -68,16 +68,23 @@ class ChatEngine:
         self.stop_texts = stop_strings(self.template, tokenizer)
         self.context_len = getattr(model.config, "max_position_embeddings", None)
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """The ids the model is fed to answer `messages` (system prompt applied)."""
+    def prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The ids the model is fed to answer `messages` (system prompt applied), with the
+        OpenAI tool definitions `tools` written in by the template."""
         return encode_prompt(
-            self.template, self.tokenizer, messages, system=self.model_config.default_system
+            self.template,
+            self.tokenizer,
+            messages,
+            tools=tools,
+            system=self.model_config.default_system,
         )
 
-    def chat(self, messages: list[dict], **overrides: Any) -> Reply:
+    def chat(
+        self, messages: list[dict], *, tools: list[dict] | None = None, **overrides: Any
+    ) -> Reply:
         """Generate a whole reply (see `stream` for the arguments)."""
         pieces = []
-        stream = self.stream(messages, **overrides)
+        stream = self.stream(messages, tools=tools, **overrides)
         while True:
             try:
                 pieces.append(next(stream))
@@ -85,12 +92,19 @@ class ChatEngine:
                 return stop.value
 
     def stream(
-        self, messages: list[dict], *, stop_event: threading.Event | None = None, **overrides: Any
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        stop_event: threading.Event | None = None,
+        **overrides: Any,
     ) -> Iterator[str]:
         """Yield the reply's text as it is generated; the generator returns the final `Reply`.
 
         Args:
-            messages: OpenAI-style turns ending with a user turn.
+            messages: OpenAI-style turns ending with a user (or tool) turn.
+            tools: OpenAI tool definitions the model may call (see `parse_reply` for reading
+                a call back from the reply).
             stop_event: set it (e.g. on Ctrl-C) to end the reply early.
             **overrides: GenerationConfig fields for this call only.
         """
@@ -98,7 +112,7 @@ class ChatEngine:
         from transformers import TextIteratorStreamer
 
         settings = self._settings(overrides)
-        prompt = self.prompt_ids(messages)
+        prompt = self.prompt_ids(messages, tools)
         self._check_length(len(prompt), settings.max_new_tokens)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop_event = stop_event or threading.Event()

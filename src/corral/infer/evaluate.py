@@ -9,7 +9,11 @@ train and eval are sibling packages that may not import each other.
     write_run("saves/eval/base", run)   # predictions.jsonl, metrics.json, report.md
 
 Generation is greedy unless the engine's generation settings say otherwise; prompts are
-rendered through the model's chat template exactly as in training (`ChatEngine.prompt_ids`).
+rendered through the model's chat template exactly as in training (`ChatEngine.prompt_ids`),
+with each record's tool definitions. A record whose reference reply is a tool call (a
+`function_call` turn, as glaive-style sharegpt data holds them) is also scored as a call: the
+template parses the reply and `tool_call_parse_rate`, `tool_name_accuracy` and
+`tool_arguments_exact` are averaged over those records.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from corral.data.processors import PROCESSORS
 from corral.data.records import Record
 from corral.data.templates import Template
 from corral.infer.engine import ChatEngine
-from corral.infer.metrics import score_predictions
+from corral.infer.metrics import score_predictions, score_tool_calls
 from corral.infer.perplexity import perplexity
-from corral.utils.errors import DataError
+from corral.utils.errors import CorralError, DataError
 from corral.utils.log import get_logger
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -57,7 +61,8 @@ class EvalRun:
 
 
 def conversation_prompts(records: list[Record]) -> tuple[list[list[dict]], list[str]]:
-    """The prompt turns and reference reply of each record (its last assistant message).
+    """The prompt turns and reference reply of each record (its last assistant message, or
+    the JSON text of the tool call it ends with).
 
     Raises:
         DataError: for an empty list, or a record that is not a conversation ending in a reply.
@@ -72,8 +77,10 @@ def conversation_prompts(records: list[Record]) -> tuple[list[list[dict]], list[
                 f"example holds {record.kind} data; measure documents with `corral eval ppl`"
             )
         messages = record.to_messages()
-        if messages[-1]["role"] != "assistant":
-            raise DataError(f"{record.source}: the conversation does not end with a reply")
+        if messages[-1]["role"] not in ("assistant", "function_call"):
+            raise DataError(
+                f"{record.source}: the conversation does not end with a reply or a tool call"
+            )
         prompts.append(messages[:-1])
         references.append(messages[-1]["content"])
     return prompts, references
@@ -97,10 +104,13 @@ def evaluate_generation(
         about: facts for the report (model, dataset, ...).
     """
     prompts, references = conversation_prompts(records)
+    expected = [reference_calls(record) for record in records]
     started = time.perf_counter()
-    replies = _generate_sorted(engine, prompts, batch_size)
+    prompt_ids = [engine.prompt_ids(p, r.tools) for p, r in zip(prompts, records, strict=True)]
+    replies = _generate_sorted(engine, prompt_ids, batch_size)
     seconds = time.perf_counter() - started
     scores = score_predictions([r.text for r in replies], references, lang)
+    call_metrics, call_rows = _score_calls(engine.template, replies, expected)
     predictions = [
         {
             "prompt": turns[-1]["content"] if turns else "",
@@ -111,14 +121,16 @@ def evaluate_generation(
             "finish_reason": reply.finish_reason,
             "completion_tokens": reply.completion_tokens,
             **{k: round(v, 4) if isinstance(v, float) else v for k, v in example.items()},
+            **calls,
         }
-        for record, turns, reference, reply, example in zip(
-            records, prompts, references, replies, scores.per_example, strict=True
+        for record, turns, reference, reply, example, calls in zip(
+            records, prompts, references, replies, scores.per_example, call_rows, strict=True
         )
     ]
     tokens = sum(r.completion_tokens for r in replies)
     metrics = {
         **scores.means,
+        **call_metrics,
         "predict_tokens_mean": tokens / len(replies),
         "predict_chars_mean": sum(len(r.text) for r in replies) / len(replies),
         "stop_rate": sum(r.finish_reason == "stop" for r in replies) / len(replies),
@@ -137,16 +149,52 @@ def evaluate_generation(
     return EvalRun("generate", about, metrics, predictions)
 
 
-def _generate_sorted(engine: ChatEngine, prompts: list[list[dict]], batch_size: int) -> list:
+def reference_calls(record: Record) -> list[dict] | None:
+    """The calls (`{"name", "arguments"}`) a record's final turn makes; None for a text reply.
+
+    Raises:
+        DataError: the final turn is a `function_call` that is not a well-formed call.
+    """
+    from corral.data.templates import chat_messages
+
+    last = record.messages[-1]
+    if last["role"] != "function_call":
+        return None
+    try:
+        (turn,) = chat_messages([last])
+    except CorralError as exc:
+        raise DataError(f"{record.source}: {exc}") from exc
+    return [call["function"] for call in turn["tool_calls"]]
+
+
+def _score_calls(
+    template: Template, replies: list, expected: list[list[dict] | None]
+) -> tuple[dict[str, float], list[dict]]:
+    """Tool-call metrics over the records whose reference is a call ({} when none is), and
+    per record what the prediction called and how it scored ({} for text references)."""
+    from corral.data.templates import parse_reply
+
+    rows: list[dict] = [{} for _ in replies]
+    tool_rows = [i for i, calls in enumerate(expected) if calls is not None]
+    if not tool_rows:
+        return {}, rows
+    predicted = [parse_reply(template, replies[i].text)[1] for i in tool_rows]
+    scores = score_tool_calls(predicted, [expected[i] for i in tool_rows])
+    for i, calls, example in zip(tool_rows, predicted, scores.per_example, strict=True):
+        called = [{"name": c.name, "arguments": c.arguments} for c in calls]
+        rows[i] = {"reference_calls": expected[i], "predicted_calls": called, **example}
+    return {**scores.means, "tool_call_examples": len(tool_rows)}, rows
+
+
+def _generate_sorted(engine: ChatEngine, prompts: list[list[int]], batch_size: int) -> list:
     """Replies in input order, generated in batches of similar prompt length (less padding)."""
-    lengths = [len(engine.prompt_ids(p)) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     replies: list[Any] = [None] * len(prompts)
     log = get_logger()
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         for index, reply in zip(
-            chunk, engine.generate_batch([prompts[i] for i in chunk]), strict=True
+            chunk, engine.generate_ids([prompts[i] for i in chunk]), strict=True
         ):
             replies[index] = reply
         log.info(f"generated {min(start + batch_size, len(order))}/{len(order)}")

@@ -20,18 +20,31 @@ LLaMA-Factory's `ComputeSimilarity` does), so a report can point at the examples
   whitespace, else 0.
 
 The language is detected per example from the reference (`detect_lang`) unless it is given.
+
+Replies whose reference is a tool call are also scored as calls (`score_tool_calls`), as
+fractions of those examples: `tool_call_parse_rate` (the template read a well-formed call in the
+reply), `tool_name_accuracy` (the same functions, in order) and `tool_arguments_exact` (the same
+functions with JSON-equal arguments: `{"a": 1, "b": 2}` equals `{"b":2,"a":1}`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from corral.utils.errors import CorralError, MissingDependencyError
 
 METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "exact_match")
 LANGS = ("auto", "en", "zh")
+# tool-call metric (a fraction of the tool-call examples) -> the per-example flag it averages
+TOOL_METRICS = {
+    "tool_call_parse_rate": "tool_call_parsed",
+    "tool_name_accuracy": "tool_name_match",
+    "tool_arguments_exact": "tool_arguments_exact",
+}
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
 _LATIN_WORD = re.compile(r"[A-Za-z]+")
@@ -115,6 +128,48 @@ def score_predictions(predictions: list[str], references: list[str], lang: str =
     per_example = [example_scores(p, r, lang) for p, r in zip(predictions, references, strict=True)]
     means = {m: sum(e[m] for e in per_example) / len(per_example) for m in METRICS}
     return Scores(means, per_example)
+
+
+def score_tool_calls(predicted: list[list], expected: list[list[dict]]) -> Scores:
+    """Score the calls read in replies against the reference calls, example by example.
+
+    Args:
+        predicted: per example, the calls the template read in the reply (objects with `name`
+            and `arguments`, the JSON text of an object); [] when it read none.
+        expected: per example, the reference calls as `{"name", "arguments"}` dicts, arguments
+            an object or its JSON text.
+
+    Returns:
+        Scores whose per-example dicts hold `tool_call_parsed`, `tool_name_match` and
+        `tool_arguments_exact` (booleans) and whose means are the `TOOL_METRICS` (fractions).
+    """
+    per_example = []
+    for calls, reference in zip(predicted, expected, strict=True):
+        names = [call.name for call in calls] == [ref["name"] for ref in reference]
+        arguments = names and all(
+            _json_value(call.arguments) == _json_value(ref["arguments"])
+            for call, ref in zip(calls, reference, strict=True)
+        )
+        per_example.append(
+            {
+                "tool_call_parsed": bool(calls),
+                "tool_name_match": names,
+                "tool_arguments_exact": arguments,
+            }
+        )
+    count = max(len(per_example), 1)
+    means = {name: sum(e[flag] for e in per_example) / count for name, flag in TOOL_METRICS.items()}
+    return Scores(means, per_example)
+
+
+def _json_value(arguments: Any) -> Any:
+    """Arguments as a JSON value: text is parsed (and kept as text when it is not JSON)."""
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
 
 
 def _require(module: str, package: str):

@@ -5,8 +5,9 @@
 
 Every error is OpenAI's JSON (`{"error": {"message", "type", "param", "code"}}`): 401 for a
 missing or wrong key, 422 for malformed JSON or wrong types, 400 for a prompt that does not fit
-the model's context, 413 for an oversized body. A client that disconnects (mid-stream, or while
-waiting for a whole reply) cancels its request, which frees its place in the batch.
+the model's context or tools the request or template cannot use (see `tool_calls`), 413 for an
+oversized body. A client that disconnects (mid-stream, or while waiting for a whole reply)
+cancels its request, which frees its place in the batch.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from corral.serve.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    ParamError,
     new_id,
 )
+from corral.serve.tool_calls import CallStream, ToolPlan, reply_message, tool_plan
 from corral.utils.errors import CorralError
 
 MAX_BODY_BYTES = 1 << 20
@@ -88,10 +91,11 @@ def create_app(
 
     @app.post("/v1/chat/completions", responses=ERRORS, dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt = _user_error(backend.chat_ids, messages)
+        plan = tool_plan(body, backend.template)
+        messages = [m.for_template() for m in body.messages]
+        prompt = _user_error(backend.chat_ids, messages, plan.tools, plan.prefill)
         limit = body.max_completion_tokens or body.max_tokens
-        return await _respond(request, body, prompt, limit, chat=True)
+        return await _respond(request, body, prompt, limit, plan)
 
     @app.post("/v1/completions", responses=ERRORS, dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
@@ -99,7 +103,7 @@ def create_app(
             prompt = _user_error(backend.text_ids, body.prompt)
         else:
             prompt = _check_ids(body.prompt, len(backend.tokenizer))
-        return await _respond(request, body, prompt, body.max_tokens, chat=False)
+        return await _respond(request, body, prompt, body.max_tokens, None)
 
     return app
 
@@ -191,8 +195,12 @@ async def _deltas(app: FastAPI, prompt: list[int], params: list) -> AsyncIterato
         app.state.abandoned += any(not handle.finished for handle in handles)
 
 
-async def _respond(request: Request, body: Any, prompt: list[int], limit: int | None, chat: bool):
+async def _respond(
+    request: Request, body: Any, prompt: list[int], limit: int | None, plan: ToolPlan | None
+):
+    """Generate and answer; `plan` is the chat request's tool plan, None for a completion."""
     app = request.app
+    chat = plan is not None
     params = _sampling(body, prompt, limit, app.state.backend)
     meta = {
         "id": new_id("chatcmpl" if chat else "cmpl"),
@@ -203,13 +211,13 @@ async def _respond(request: Request, body: Any, prompt: list[int], limit: int | 
     deltas = _deltas(app, prompt, params)
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        events = _sse(deltas, meta, len(prompt), chat, usage)
+        events = _sse(deltas, meta, len(prompt), plan, usage)
         return StreamingResponse(events, media_type="text/event-stream")
     collected = await _unless_disconnected(request, _collect(deltas, body.n))
     if collected is None:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
     texts, finish, used = collected
-    choices = [_choice(i, texts[i], finish[i], chat) for i in range(body.n)]
+    choices = [_choice(i, texts[i], finish[i], plan) for i in range(body.n)]
     return {**meta, "choices": choices, "usage": _usage(len(prompt), sum(used))}
 
 
@@ -237,9 +245,9 @@ async def _unless_disconnected(request: Request, work: Awaitable) -> Any | None:
             return None
 
 
-def _choice(index: int, text: str, finish: str | None, chat: bool) -> dict:
-    if chat:
-        message = {"role": "assistant", "content": text}
+def _choice(index: int, text: str, finish: str | None, plan: ToolPlan | None) -> dict:
+    if plan is not None:
+        message, finish = reply_message(plan, text, finish)
         return {"index": index, "message": message, "finish_reason": finish, "logprobs": None}
     return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
 
@@ -253,19 +261,33 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 async def _sse(
-    deltas: AsyncIterator, meta: dict, prompt_tokens: int, chat: bool, include_usage: bool
+    deltas: AsyncIterator,
+    meta: dict,
+    prompt_tokens: int,
+    plan: ToolPlan | None,
+    include_usage: bool,
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    chat = plan is not None
     meta = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
     extra = {"usage": None} if include_usage else {}
+    calls: dict[int, CallStream] = {}
     started: set[int] = set()
     used = 0
     try:
         async for index, delta in deltas:
-            choice = _chunk_choice(index, delta, chat, first=index not in started)
-            started.add(index)
+            if not chat:
+                choices = [
+                    {"index": index, "text": delta.text, "finish_reason": delta.finish_reason}
+                ]
+            else:
+                if plan.parse and index not in calls:
+                    calls[index] = CallStream(plan)
+                choices = _chat_chunks(index, delta, calls.get(index), first=index not in started)
+            started.update(choice["index"] for choice in choices)
             used += delta.completion_tokens if delta.finish_reason else 0
-            yield f"data: {json.dumps({**meta, 'choices': [choice], **extra})}\n\n"
+            for choice in choices:
+                yield f"data: {json.dumps({**meta, 'choices': [choice], **extra})}\n\n"
         if include_usage:
             final = {**meta, "choices": [], "usage": _usage(prompt_tokens, used)}
             yield f"data: {json.dumps(final)}\n\n"
@@ -274,11 +296,23 @@ async def _sse(
         await deltas.aclose()
 
 
-def _chunk_choice(index: int, delta: Delta, chat: bool, first: bool) -> dict:
-    if not chat:
-        return {"index": index, "text": delta.text, "finish_reason": delta.finish_reason}
-    content = {"role": "assistant", "content": delta.text} if first else {"content": delta.text}
-    return {"index": index, "delta": content, "finish_reason": delta.finish_reason}
+def _chat_chunks(index: int, delta: Delta, calls: CallStream | None, first: bool) -> list[dict]:
+    """The chunk choices one Delta gives: the Delta itself or, with tools active, what `calls`
+    lets out so far (the end then in a chunk of its own, as OpenAI sends it)."""
+    if calls is None:
+        pieces, finish = [{"content": delta.text}], delta.finish_reason
+    else:
+        pieces, finish = calls.feed(delta.text), None
+        if delta.finish_reason is not None:
+            ending, called = calls.finish()
+            pieces += [*ending, {}]
+            finish = "tool_calls" if called else delta.finish_reason
+    choices = [{"index": index, "delta": piece, "finish_reason": None} for piece in pieces]
+    if choices:
+        choices[-1]["finish_reason"] = finish
+        if first:
+            choices[0]["delta"] = {"role": "assistant", **choices[0]["delta"]}
+    return choices
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
@@ -297,6 +331,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = kinds.get(exc.status_code, "invalid_request_error")
         return _error(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(ParamError)
+    async def param_error(request: Request, exc: ParamError) -> JSONResponse:
+        return _error(400, exc.message, "invalid_request_error", exc.param)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

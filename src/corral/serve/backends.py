@@ -51,11 +51,31 @@ class Backend:
         self.stop_ids = stop_token_ids(template, tokenizer)
         self.stop_texts = stop_strings(template, tokenizer)
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        """The prompt ids for a conversation, rendered by corral's template layer."""
-        from corral.data.templates import encode_prompt
+    def chat_ids(
+        self, messages: list[dict], tools: list[dict] | None = None, prefill: str = ""
+    ) -> list[int]:
+        """The prompt ids for a conversation, rendered by corral's template layer.
 
-        return encode_prompt(self.template, self.tokenizer, messages, system=self.system)
+        Args:
+            messages: OpenAI-shaped turns (tool calls and tool results included).
+            tools: OpenAI tool definitions the template writes into the prompt.
+            prefill: text the reply is made to start with (e.g. a forced tool call's opening);
+                tokenized with the prompt, as training tokenizes a whole conversation.
+
+        Raises:
+            CorralError: the template cannot render the conversation or the tools.
+        """
+        from corral.data.templates import render, tokenize
+
+        text = render(
+            self.template,
+            self.tokenizer,
+            messages,
+            add_generation_prompt=True,
+            tools=tools,
+            system=self.system,
+        )
+        return tokenize(self.tokenizer, text + prefill)[0]
 
     def text_ids(self, prompt: str) -> list[int]:
         """The ids of a raw completion prompt (the tokenizer's usual special tokens added)."""

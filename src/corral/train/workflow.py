@@ -63,7 +63,7 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     model, tokenizer = load_model(
         model_config, for_training=True, value_head=stage.needs_value_head
     )
-    template = get_template(model_config.template, tokenizer)
+    template = get_template(model_config.template, tokenizer, tool_format=model_config.tool_format)
     if model_config.default_system is not None:  # trained with, so chat and serve use it too
         template = dataclasses.replace(template, default_system=model_config.default_system)
     tokenizer.chat_template = template.jinja  # saved with every checkpoint: serve what we trained

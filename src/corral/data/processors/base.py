@@ -23,10 +23,6 @@ SPLIT = "split"  # an lm document longer than cutoff_len, cut into pieces
 NO_REPLY = "no assistant reply"
 NO_TRAINABLE = "no trainable token after truncation"
 EMPTY_DOCUMENT = "empty document"
-TOOL_CALLS = (
-    "tool calls or tool definitions (function_call/observation turns, a tools column) need a "
-    "tool-calling template, which corral does not have yet"
-)
 _KEPT_STATUSES = ("", TRUNCATED, TRUNCATED_RESPONSE, SPLIT)
 
 

@@ -4,8 +4,9 @@
 trained (only the last with mask_history; prompts too with train_on_prompt). A conversation
 over cutoff_len is fitted by `truncation.fit_to_cutoff`: earliest exchanges go first, then the
 last exchange's prompt and reply share the budget, the prompt keeping its opening, the start of
-the instruction and the reply's header. Records with tool calls are refused until a template
-can place them (no template may train them as something else).
+the instruction and the reply's header. A tool call (a function_call turn) is a reply and is
+trained like one; a tool's result is prompt; the tool definitions are rendered where the template
+writes them. A template without a tool format drops such records, saying which templates have one.
 """
 
 from __future__ import annotations
@@ -17,17 +18,13 @@ from corral.data.processors.base import (
     IGNORE_INDEX,
     NO_REPLY,
     NO_TRAINABLE,
-    TOOL_CALLS,
     Encoded,
     first_unlabelled,
 )
 from corral.data.processors.truncation import fit_to_cutoff, total
 from corral.data.records import Record
-from corral.data.templates import Template, encode_turns
+from corral.data.templates import Template, chat_messages, encode_turns
 from corral.utils.errors import CorralError
-
-# The record roles of a tool call and its result (see corral.data.records).
-TOOL_ROLES = ("function_call", "tool")
 
 
 def encode_conversations(
@@ -40,12 +37,10 @@ def encode_conversations(
 def _encode_conversation(
     record: Record, tokenizer: Any, template: Template, data: DataConfig
 ) -> Encoded:
-    messages = record.to_messages()
-    if record.tools or any(m["role"] in TOOL_ROLES for m in messages):
-        return Encoded(status=TOOL_CALLS)
-    while messages and messages[-1]["role"] != "assistant":
-        messages.pop()  # a trailing prompt has no reply to learn; encode_turns would train it
     try:
+        messages = chat_messages(record.to_messages())  # tool calls become assistant replies
+        while messages and messages[-1]["role"] != "assistant":
+            messages.pop()  # a trailing prompt has no reply to learn; encode_turns would train it
         turns = encode_turns(template, tokenizer, messages, tools=record.tools)
         if not turns:
             return Encoded(status=NO_REPLY)

@@ -20,14 +20,12 @@ from corral.config.fields import DataConfig
 from corral.data.processors.base import (
     IGNORE_INDEX,
     NO_TRAINABLE,
-    TOOL_CALLS,
     Encoded,
     first_unlabelled,
 )
-from corral.data.processors.conversation import TOOL_ROLES
 from corral.data.processors.truncation import fit_to_cutoff, prompt_of
 from corral.data.records import Record
-from corral.data.templates import Template, encode_turns
+from corral.data.templates import Template, chat_messages, encode_turns
 from corral.utils.errors import CorralError
 
 SAME_REPLIES = "chosen and rejected replies are the same"
@@ -48,9 +46,8 @@ def _encode_pair(record: Record, tokenizer: Any, template: Template, data: DataC
         return Encoded(status=SAME_REPLIES)
     prompt_messages = record.to_messages()
     pair = [prompt_messages + [dict(record.chosen)], prompt_messages + [dict(record.rejected)]]
-    if record.tools or any(m["role"] in TOOL_ROLES for m in pair[0] + pair[1]):
-        return Encoded(status=TOOL_CALLS)
     try:
+        pair = [chat_messages(messages) for messages in pair]  # tool calls become replies
         turns = [encode_turns(template, tokenizer, m, tools=record.tools) for m in pair]
         replies = [t[-1][1] for t in turns]
         longer = 0 if len(replies[0]) >= len(replies[1]) else 1

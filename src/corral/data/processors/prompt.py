@@ -16,8 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from corral.config.fields import DataConfig
-from corral.data.processors.base import IGNORE_INDEX, TOOL_CALLS, Encoded
-from corral.data.processors.conversation import TOOL_ROLES
+from corral.data.processors.base import IGNORE_INDEX, Encoded
 from corral.data.records import Record
 from corral.data.templates import Template, encode_prompt, tokenize
 from corral.utils.errors import CorralError
@@ -35,12 +34,10 @@ def encode_prompts(
 
 def _encode_prompt(record: Record, tokenizer: Any, template: Template, data: DataConfig) -> Encoded:
     messages = record.to_messages()
-    if record.tools or any(m["role"] in TOOL_ROLES for m in messages):
-        return Encoded(status=TOOL_CALLS)
     reply = record.chosen  # a preference pair's prompt is its messages; the chosen its reply
-    if reply is None and messages and messages[-1]["role"] == "assistant":
-        reply = messages.pop()
-    if not messages or messages[-1]["role"] != "user":
+    if reply is None and messages and messages[-1]["role"] in ("assistant", "function_call"):
+        reply = messages.pop()  # a function_call's content is the call's JSON text
+    if not messages or messages[-1]["role"] not in ("user", "tool"):
         return Encoded(status=NO_PROMPT)
     try:
         prompt = encode_prompt(template, tokenizer, messages, tools=record.tools)

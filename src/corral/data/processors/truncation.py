@@ -144,8 +144,9 @@ def drop_earliest_turns(
 ) -> tuple[Turns, list[dict]]:
     """Drop whole earliest exchanges while more than one remains and the total is too long.
 
-    The remaining messages are rendered again (with the system prompt), so the template's
-    opening (BOS, system block) stays in front of the first kept exchange.
+    The remaining messages are rendered again (with the system prompt and the tools), so the
+    template's opening (BOS, system block, tool definitions) stays in front of the first kept
+    exchange. Messages are as `chat_messages` gives them (tool calls are assistant replies).
 
     Returns:
         The kept turns and the messages they were encoded from.
@@ -160,6 +161,10 @@ def drop_earliest_turns(
             excess -= len(turns[n][0]) + len(turns[n][1])
             n += 1
         dropped += n
+        # Start at a user message: a tool's result without the call before it answers nothing
+        # (and Llama 3.1 writes the tools into the first user message).
+        while dropped < len(reply_ends) - 1 and messages[reply_ends[dropped - 1]]["role"] == "tool":
+            dropped += 1
         kept = head + messages[reply_ends[dropped - 1] :]
         turns = encode_turns(template, tokenizer, kept, tools=record.tools)
     return turns, kept

@@ -28,15 +28,13 @@ from corral.data.processors.base import (
     IGNORE_INDEX,
     NO_REPLY,
     NO_TRAINABLE,
-    TOOL_CALLS,
     Encoded,
     first_unlabelled,
 )
-from corral.data.processors.conversation import TOOL_ROLES
 from corral.data.processors.prompt import split_prompt
 from corral.data.processors.truncation import fit_to_cutoff, prompt_of, total
 from corral.data.records import Record
-from corral.data.templates import Template, encode_turns
+from corral.data.templates import Template, chat_messages, encode_turns
 from corral.utils.errors import CorralError
 
 NO_LABEL = "no kto_tag label"
@@ -69,12 +67,10 @@ def _encode_reply(record: Record, tokenizer: Any, template: Template, data: Data
     """The record's last exchange: its prompt (-100) and its final reply (labelled)."""
     if record.label is None:
         return Encoded(status=NO_LABEL)
-    messages = record.to_messages()
-    if record.tools or any(m["role"] in TOOL_ROLES for m in messages):
-        return Encoded(status=TOOL_CALLS)
-    if not messages or messages[-1]["role"] != "assistant":
-        return Encoded(status=NO_REPLY)
     try:
+        messages = chat_messages(record.to_messages())  # tool calls become assistant replies
+        if not messages or messages[-1]["role"] != "assistant":
+            return Encoded(status=NO_REPLY)
         turns = encode_turns(template, tokenizer, messages, tools=record.tools)
         if not turns:
             return Encoded(status=NO_REPLY)

@@ -10,8 +10,13 @@ own `chat_template`.
     pairs = encode_turns(template, tokenizer, conversation)  # [(prompt_ids, response_ids), ...]
     model.generate(..., eos_token_id=stop_token_ids(template, tokenizer))
 
-The package: `base` (the `Template` record), `families` (the named templates), `encoding`
-(render, encode_prompt, encode_turns), `choose` (get_template, stop words).
+Tool calling (`tools`): `chat_messages` gives templates one shape of tool calls (a record's
+`function_call` turns, OpenAI `tool_calls`), `parse_reply` splits a generated reply into text
+and `ToolCall`s, `call_prefix` is the text that starts a call in the template's `tool_format`.
+
+The package: `base` (the `Template` record), `families` (the named templates), `tool_jinja`
+(their tool pieces), `encoding` (render, encode_prompt, encode_turns), `choose` (get_template,
+stop words), `tools` (tool formats).
 """
 
 from corral.data.templates.base import EOS, TOKENIZER_TEMPLATE, Template
@@ -35,6 +40,14 @@ from corral.data.templates.families import (
     VICUNA_SYSTEM,
     template_names,
 )
+from corral.data.templates.tools import (
+    TOOL_FORMATS,
+    ToolCall,
+    call_prefix,
+    chat_messages,
+    chat_tools,
+    parse_reply,
+)
 
 __all__ = [
     "ALPACA_INPUT_SYSTEM",
@@ -42,12 +55,18 @@ __all__ = [
     "EOS",
     "QWEN_SYSTEM",
     "TOKENIZER_TEMPLATE",
+    "TOOL_FORMATS",
     "VICUNA_SYSTEM",
     "Template",
+    "ToolCall",
+    "call_prefix",
+    "chat_messages",
+    "chat_tools",
     "encode_prompt",
     "encode_turns",
     "get_template",
     "last_prompt_layout",
+    "parse_reply",
     "prefix_every_piece",
     "render",
     "stop_strings",

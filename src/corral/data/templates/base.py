@@ -19,9 +19,13 @@ class Template:
             eos token (`get_template` returns them resolved).
         default_system: the system prompt used when a conversation has none. Named templates
             also write it into `jinja`, so an exported template behaves the same without corral.
+        tool_format: how `jinja` writes tool definitions, tool calls and tool results (one of
+            `tools.TOOL_FORMATS`, e.g. "qwen"), so replies can be parsed back into calls; None
+            when the template has no place for tools.
     """
 
     name: str
     jinja: str
     stop_words: tuple[str, ...]
     default_system: str | None = None
+    tool_format: str | None = None

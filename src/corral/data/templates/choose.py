@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from corral.data.templates.base import EOS, TOKENIZER_TEMPLATE, Template
 from corral.data.templates.encoding import _reply_spans
 from corral.data.templates.families import TEMPLATES, template_names
+from corral.data.templates.tools import check_tool_format, detect_tool_format
 from corral.utils.errors import CorralError
 from corral.utils.suggest import did_you_mean
 
@@ -16,7 +17,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def get_template(name: str | None, tokenizer: PreTrainedTokenizerBase) -> Template:
+def get_template(
+    name: str | None, tokenizer: PreTrainedTokenizerBase, *, tool_format: str | None = None
+) -> Template:
     """The template called `name`, with its stop words resolved for `tokenizer`.
 
     Args:
@@ -24,10 +27,19 @@ def get_template(name: str | None, tokenizer: PreTrainedTokenizerBase) -> Templa
             chat template.
         tokenizer: the model's tokenizer (supplies the eos token and, for "tokenizer", the
             template itself).
+        tool_format: LLaMA-Factory's `tool_format` key, if set: it must be the format the
+            template writes tools in.
 
     Raises:
-        CorralError: the name is unknown, or the tokenizer has no chat template of its own.
+        CorralError: the name is unknown, the tokenizer has no chat template of its own, or
+            `tool_format` is not the template's.
     """
+    template = _named_template(name, tokenizer)
+    check_tool_format(template, tool_format)
+    return template
+
+
+def _named_template(name: str | None, tokenizer: PreTrainedTokenizerBase) -> Template:
     if name is None or name == TOKENIZER_TEMPLATE:
         return _tokenizer_template(tokenizer)
     if name not in TEMPLATES:
@@ -50,7 +62,8 @@ def _tokenizer_template(tokenizer: PreTrainedTokenizerBase) -> Template:
             f"set template to one of: {', '.join(template_names())} (e.g. template=chatml)"
         )
     end_of_turn = _end_of_turn_token(Template(TOKENIZER_TEMPLATE, jinja, ()), tokenizer)
-    return Template(TOKENIZER_TEMPLATE, jinja, _resolve_stop_words(end_of_turn, tokenizer))
+    stop_words = _resolve_stop_words(end_of_turn, tokenizer)
+    return Template(TOKENIZER_TEMPLATE, jinja, stop_words, tool_format=detect_tool_format(jinja))
 
 
 def _end_of_turn_token(template: Template, tokenizer: PreTrainedTokenizerBase) -> list[str]:

@@ -11,14 +11,19 @@ trained on are the ids it is later prompted with.
 
 from __future__ import annotations
 
-import json
 import re
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from corral.data.templates.base import Template
 from corral.data.templates.families import template_names
+from corral.data.templates.tools import (
+    chat_messages,
+    chat_tools,
+    check_can_render_tools,
+    uses_tools,
+)
 from corral.utils.errors import CorralError
 
 if TYPE_CHECKING:
@@ -41,24 +46,31 @@ def render(
         tokenizer: supplies bos_token/eos_token to the template.
         messages: OpenAI-style `{"role", "content"}` dicts, a system message (if any) first.
             Extra keys are passed to the template (alpaca reads "instruction" and "input").
+            Tool calls may be a record's `function_call` turns or OpenAI `tool_calls`
+            (`chat_messages` gives the templates one shape).
         add_generation_prompt: end with the header that starts the assistant's next reply.
-        tools: tool definitions (a list, or its JSON text), passed to the template.
+        tools: tool definitions (a list, or its JSON text), passed to the template as
+            `chat_tools` shapes them.
         system: the system prompt used when `messages` has none; defaults to the template's.
 
     Raises:
         CorralError: the template cannot render this conversation (e.g. a role it has no
-            place for), or `tools` is not valid JSON.
+            place for, or tools on a template without a tool format), or `tools` or a tool call
+            is not valid JSON.
     """
     from jinja2 import TemplateError
 
     conversation = _with_system(messages, template.default_system if system is None else system)
     if not conversation:
         return ""  # apply_chat_template refuses an empty conversation
+    conversation, tools = chat_messages(conversation), chat_tools(tools)
+    if uses_tools(conversation, tools):
+        check_can_render_tools(template)
     try:
         return tokenizer.apply_chat_template(
             conversation,
             chat_template=template.jinja,
-            tools=_parse_tools(tools),
+            tools=tools,
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
         )
@@ -145,8 +157,9 @@ def last_prompt_layout(
     done, first, _ = encoded.token_bounds()[-1]
     prompt_start = encoded.spans[-2][1] if len(encoded.spans) > 1 else 0
     reply_start = encoded.spans[-1][0]
-    users = [m for m in messages if m["role"] == "user"]
-    needle = users[-1]["content"].strip().split("\n", 1)[0] if users else ""
+    # the text a reply answers: the user's, or a tool's result
+    asked = [m for m in messages if m["role"] in ("user", "tool")]
+    needle = asked[-1]["content"].strip().split("\n", 1)[0] if asked else ""
     text_at = encoded.text.find(needle, prompt_start, reply_start) if needle else -1
     probe = render(
         template,
@@ -208,7 +221,33 @@ def _encode_spans(
         )
     full, spans = _reply_spans(template, tokenizer, messages, tools=tools, system=system)
     ids, starts = tokenize(tokenizer, full, starts=True)
-    return _Encoded(full, ids, starts, spans)
+    encoded = _Encoded(full, ids, starts, spans)
+    _check_prompts_tokenize_alike(template, encoded, tokenizer)
+    return encoded
+
+
+def _check_prompts_tokenize_alike(
+    template: Template, encoded: _Encoded, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Before each reply, training must see the ids `encode_prompt` prompts the model with.
+
+    They differ when the tokenizer splits the end of the template's generation prompt one way
+    alone and another way with the reply after it (Llama 3's "\n\n" header end on a GPT-2
+    style tokenizer gives "\n\n" alone but "\n", "\n" before a word). Only a token straddling
+    the reply's start may differ (it belongs to the prompt, see `token_bounds`).
+    """
+    bounds = zip(encoded.spans, encoded.token_bounds(), strict=True)
+    for k, ((start, _), (_, first, _)) in enumerate(bounds):
+        alone, trained = tokenize(tokenizer, encoded.text[:start])[0], encoded.ids[:first]
+        if alone == trained or (len(alone) == len(trained) and alone[:-1] == trained[:-1]):
+            continue
+        raise CorralError(
+            f"the '{template.name}' chat template does not suit this tokenizer: the prompt "
+            f"before reply {k + 1} tokenizes differently alone ({len(alone)} ids) than followed "
+            f"by the reply ({len(trained)} ids), so the model would be trained on other ids "
+            "than it is prompted with; use the template the model was made for (e.g. leave "
+            f"template empty for the tokenizer's own), one of: {', '.join(template_names())}"
+        )
 
 
 def tokenize(
@@ -301,6 +340,7 @@ def _reply_spans(
     A reply runs from the end of the generation prompt before it to the end of the rendering
     that stops after it, so it includes what the template writes after the content.
     """
+    messages = chat_messages(messages)  # a record's function_call turns become assistant replies
     kwargs = {"tools": tools, "system": system}
     full = render(template, tokenizer, messages, add_generation_prompt=False, **kwargs)
     spans: list[tuple[int, int]] = []
@@ -339,12 +379,3 @@ def _with_system(messages: list[dict], system: str | None) -> list[dict]:
     if system is None or (messages and messages[0]["role"] == "system"):
         return list(messages)
     return [{"role": "system", "content": system}, *messages]
-
-
-def _parse_tools(tools: list[dict] | str | None) -> Any:
-    if not isinstance(tools, str):
-        return tools
-    try:
-        return json.loads(tools)
-    except json.JSONDecodeError as exc:
-        raise CorralError(f"tools is not valid JSON ({exc}): {tools[:80]!r}") from exc

@@ -2,12 +2,14 @@
 
 Each is prefix-stable (rendering the first turns gives a prefix of rendering them all), which
 `encode_turns` needs to find the replies. bos/eos fall back to "" for tokenizers without one.
+Templates with a `tool_format` write tools with the pieces in `tool_jinja`.
 """
 
 from __future__ import annotations
 
 import json
 
+from corral.data.templates import tool_jinja
 from corral.data.templates.base import EOS, Template
 
 _TOKENS = """\
@@ -131,32 +133,40 @@ _LLAMA2 = (
     + "{%- endfor %}\n"
 )
 
-# Mistral-7B-Instruct v0.2; the system prompt goes before the first user message.
+# Mistral-7B-Instruct v0.2; the system prompt goes before the first user message. Tools as
+# v0.3 writes them.
 _MISTRAL = (
     _TOKENS
     + _split_system()
-    + r"""{{- bos }}
-{%- for message in turns %}
+    + "{{- bos }}\n"
+    + tool_jinja.MISTRAL_TOOLS_HEAD
+    + r"""{%- for message in turns %}
     {%- if message['role'] == 'user' %}
         {%- if loop.first and system %}
             {{- '[INST] ' + system + '\n\n' + message['content'] + ' [/INST]' }}
         {%- else %}
             {{- '[INST] ' + message['content'] + ' [/INST]' }}
         {%- endif %}
-    {%- elif message['role'] == 'assistant' %}
+"""
+    + tool_jinja.MISTRAL_TOOL_MESSAGES
+    + r"""    {%- elif message['role'] == 'assistant' %}
         {{- message['content'] + eos }}
 """
     + _unknown_role("mistral")
     + "{%- endfor %}\n"
 )
 
-# Meta Llama 3 Instruct; bos_token is <|begin_of_text|> in Llama 3 tokenizers.
+# Meta Llama 3 Instruct; bos_token is <|begin_of_text|> in Llama 3 tokenizers. With tools,
+# Llama 3.1's format.
 _LLAMA3 = (
     _TOKENS
-    + r"""{{- bos }}
-{%- for message in messages %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}
-    {{- message['content'] | trim + '<|eot_id|>' }}
+    + "{{- bos }}\n"
+    + tool_jinja.LLAMA3_TOOLS_HEAD
+    + "{%- for message in messages %}\n"
+    + tool_jinja.LLAMA3_TOOL_MESSAGES
+    + r"""        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}
+        {{- message['content'] | trim + '<|eot_id|>' }}
+    {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
@@ -164,36 +174,31 @@ _LLAMA3 = (
 """
 )
 
-_CHATML = r"""{%- for message in messages %}
-    {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\n' }}
-{%- endif %}
-"""
+# ChatML, with Qwen2.5's tool format.
+_CHATML = tool_jinja.chatml_with_tools(default_system=None)
 
-# Qwen2.5 Instruct: ChatML with a default system prompt.
-_QWEN = (
-    f"""\
-{{%- if not messages or messages[0]['role'] != 'system' %}}
-    {{{{- '<|im_start|>system\\n' + {json.dumps(QWEN_SYSTEM)} + '<|im_end|>\\n' }}}}
-{{%- endif %}}
-"""
-    + _CHATML
-)
+# Qwen2.5 Instruct: ChatML with a default system prompt, exactly Qwen2.5's published template.
+_QWEN = tool_jinja.chatml_with_tools(default_system=QWEN_SYSTEM)
 
 # LLaMA-Factory's "default" (0.9.5): "System: {system}{eos}\n", "Human: {user}{eos}\nAssistant:",
-# "{reply}{eos}\n".
+# "{reply}{eos}\n"; tools described after the system prompt, tool results as user turns.
 _DEFAULT = (
     _TOKENS
     + _split_system()
-    + r"""{%- if system %}
+    + r"""{%- if tools %}
+"""
+    + tool_jinja.DEFAULT_TOOL_TEXT
+    + r"""    {%- set system = (system or '') + tool_text %}
+{%- endif %}
+{%- if system %}
     {{- 'System: ' + system + eos + '\n' }}
 {%- endif %}
 {%- for message in turns %}
     {%- if message['role'] == 'user' %}
         {{- 'Human: ' + message['content'] + eos + '\nAssistant:' }}
-    {%- elif message['role'] == 'assistant' %}
+"""
+    + tool_jinja.DEFAULT_TOOL_MESSAGES
+    + r"""    {%- elif message['role'] == 'assistant' %}
         {{- message['content'] + eos + '\n' }}
 """
     + _unknown_role("default")
@@ -216,13 +221,13 @@ TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in (
         Template("alpaca", _ALPACA, (EOS,)),
-        Template("chatml", _CHATML, ("<|im_end|>",)),
-        Template("default", _DEFAULT, (EOS,)),
+        Template("chatml", _CHATML, ("<|im_end|>",), tool_format="qwen"),
+        Template("default", _DEFAULT, (EOS,), tool_format="default"),
         Template("empty", _EMPTY, (EOS,)),
         Template("llama2", _LLAMA2, (EOS,)),
-        Template("llama3", _LLAMA3, ("<|eot_id|>",)),
-        Template("mistral", _MISTRAL, (EOS,)),
-        Template("qwen", _QWEN, ("<|im_end|>",), default_system=QWEN_SYSTEM),
+        Template("llama3", _LLAMA3, ("<|eot_id|>",), tool_format="llama3"),
+        Template("mistral", _MISTRAL, (EOS,), tool_format="mistral"),
+        Template("qwen", _QWEN, ("<|im_end|>",), QWEN_SYSTEM, tool_format="qwen"),
         Template("vicuna", _VICUNA, (EOS,), default_system=VICUNA_SYSTEM),
     )
 }
