@@ -25,6 +25,7 @@ def test_examples_exist():
         "rm_lora.yaml",
         "ppo_lora.yaml",
         "grpo_lora.yaml",
+        "sft_lora_glaive_toolcall.yaml",
     } <= names
 
 

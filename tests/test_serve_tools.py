@@ -253,3 +253,39 @@ def test_parallel_tool_calls_false_keeps_the_first_call(client, smol_tokenizer):
     assert called(True) == (["get_weather"], ["get_weather"])
     reply = _ask(client, [QUESTION], tool_choice=FORCE_WEATHER, parallel_tool_calls=False)
     _one_weather_call(reply.choices[0].message)
+
+
+def test_the_held_out_tool_call_script_counts_the_served_models_calls(tool_server, tmp_path):
+    """examples/tool_calls_heldout.py, as the README runs it, on glaive-style rows (sharegpt
+    with a tools column) of the weather exchange: each held-out row is cut before its call, and
+    the served model's calls parse, name get_weather and carry its arguments."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    call = {"name": "get_weather", "arguments": ARGUMENTS}
+    turns = [("human", QUESTION["content"]), ("function_call", json.dumps(call))]
+    turns += [("observation", RESULT), ("gpt", ANSWER)]
+    row = {
+        "conversations": [{"from": f, "value": v} for f, v in turns],
+        "tools": json.dumps([tool["function"] for tool in TOOLS]),  # bare, as glaive has them
+    }
+    (tmp_path / "calls.json").write_text(json.dumps([row] * 4))
+    columns = {"messages": "conversations", "tools": "tools"}
+    entry = {"file_name": "calls.json", "formatting": "sharegpt", "columns": columns}
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"calls": entry}))
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"dataset: calls\ndataset_dir: {tmp_path}\ntemplate: {TEMPLATE}\nval_size: 3\n"
+    )
+    script = Path(__file__).resolve().parents[1] / "examples" / "tool_calls_heldout.py"
+    run = subprocess.run(
+        [sys.executable, str(script), str(config), "--base-url", f"{tool_server}/v1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count('got get_weather({"city":"Paris"})') == 3, run.stdout
+    assert "3 held-out rows with a tool call (of 3 held out)" in run.stdout
+    assert "parsed tool_calls: 3/3, right function: 3/3, same arguments: 3/3" in run.stdout
