@@ -229,7 +229,6 @@ def test_replace_revalidates():
         ("deepspeed=ds_z3.json", "one process"),
         ("rope_scaling=linear", "RoPE scaling"),
         ("new_special_tokens=<a>,<b>", "adding tokens"),
-        ("loraplus_lr_ratio=16", "LoRA+"),
         ("pissa_init=true", "PiSSA"),
         ("use_galore=true", "AdamW"),
         ("galore_rank=16", "AdamW"),
@@ -261,12 +260,11 @@ def test_refused_keys_at_their_off_value_change_nothing_and_pass():
             "num_beams=1",
             "adam_beta1=0.9",
             "infer_backend=huggingface",
-            "loraplus_lr_ratio=",
         ],
     )
     assert config.notes == [
         "ignoring keys that do not change what corral trains or writes: adam_beta1, deepspeed, "
-        "infer_backend, loraplus_lr_ratio, num_beams, quantization_bit, use_unsloth"
+        "infer_backend, num_beams, quantization_bit, use_unsloth"
     ]
 
 
@@ -291,11 +289,13 @@ def test_implemented_llamafactory_keys_map_onto_corral_settings():
             "create_new_adapter=true",
             "export_dir=out",
             "export_size=5",
+            "loraplus_lr_ratio=16",
         ],
     )
     assert config.data.packing is True and config.train.fused_ops is True
     assert config.model.device == "cpu" and config.method.create_new_adapter is True
     assert (config.export.export_dir, config.export.export_size) == ("out", 5)
+    assert config.method.loraplus_lr_ratio == 16 and config.method.loraplus_lr_embedding == 1e-6
     assert config.notes == []
     # their LLaMA-Factory defaults leave corral's defaults alone
     defaults = load_config(None, ["neat_packing=false", "enable_liger_kernel=false"])

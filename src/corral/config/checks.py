@@ -94,6 +94,8 @@ def _check_method(config: CorralConfig) -> list[str]:
         problems.append("use_dora needs finetuning_type: lora")
     if method.use_rslora and method.finetuning_type != "lora":
         problems.append("use_rslora needs finetuning_type: lora")
+    if method.loraplus_lr_ratio is not None and method.finetuning_type != "lora":
+        problems.append("loraplus_lr_ratio needs finetuning_type: lora (it sets LoRA B's lr)")
     if method.additional_target and method.finetuning_type != "lora":
         problems.append(
             "additional_target needs finetuning_type: lora (full trains every module; with "
@@ -213,6 +215,9 @@ def _check_grpo(config: CorralConfig) -> list[str]:
     if method.stage != "grpo":
         return []
     problems = []
+    if method.loraplus_lr_ratio is not None:
+        # TRL's GRPOTrainer builds its own optimizer, without corral's LoRA+ groups
+        problems.append("loraplus_lr_ratio is not supported with stage grpo; remove it")
     if not method.reward_funcs and not method.reward_model:
         problems.append(
             "stage grpo needs a reward: set reward_funcs (Python 'module:function', e.g. "

@@ -179,6 +179,15 @@ class MethodConfig:
     )
     use_dora: bool = opt(False, "Use DoRA (weight-decomposed LoRA).")
     use_rslora: bool = opt(False, "Use rank-stabilised LoRA scaling (alpha / sqrt(rank)).")
+    loraplus_lr_ratio: float | None = opt(
+        None,
+        "LoRA+: the LoRA B matrices train at learning_rate x this ratio (the paper suggests 16); "
+        "empty: off.",
+        gt=0,
+    )
+    loraplus_lr_embedding: float = opt(
+        1e-6, "LoRA+: learning rate of the LoRA matrices of embedding layers.", gt=0
+    )
     pref_beta: float = opt(
         0.1,
         "dpo, kto: beta, how far the policy may move from the reference (smaller: further).",

@@ -196,8 +196,6 @@ REFUSED_KEYS = {
     "lr_scheduler_kwargs": "corral's schedules take no extra arguments; choose lr_scheduler_type",
     "label_smoothing_factor": "label smoothing is not built",
     "neftune_noise_alpha": "NEFTune noise is not built",
-    "loraplus_lr_ratio": "LoRA+ learning rates are not built yet",
-    "loraplus_lr_embedding": "LoRA+ learning rates are not built yet",
     "pissa_init": "PiSSA initialisation is not built yet",
     "pissa_iter": "PiSSA initialisation is not built yet",
     "pissa_convert": "PiSSA initialisation is not built yet",
@@ -250,7 +248,6 @@ _DEFAULTS = {
     "adam_beta2": 0.999,
     "adam_epsilon": 1e-8,
     "pissa_iter": 16,
-    "loraplus_lr_embedding": 1e-6,
     "moe_aux_loss_coef": None,
     "infer_backend": "huggingface",
 }

@@ -137,6 +137,9 @@ class CorralTrainer(Trainer):
         stage_loss: the stage's loss hook, (model, batch) -> (loss, metrics), whose metrics
             are averaged over the steps between two logs and logged with the loss (eval_
             prefixed in validation). None: the LM loss.
+        loraplus: LoRA+ as (loraplus_lr_ratio, loraplus_lr_embedding): LoRA B matrices
+            train at learning_rate x ratio, LoRA embedding matrices at the second value, the
+            rest at learning_rate (peft's `create_loraplus_optimizer`). None: one lr for all.
     """
 
     def __init__(
@@ -144,16 +147,38 @@ class CorralTrainer(Trainer):
         *args: Any,
         meter: TokenMeter,
         stage_loss: Callable[..., tuple[torch.Tensor, dict[str, float]]] | None = None,
+        loraplus: tuple[float, float] | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.meter = meter
+        self.loraplus = loraplus
         self.stage_loss = stage_loss
         self._stage_metrics: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
         # Our loss divides by the labelled tokens of the whole accumulated batch (the Trainer's
         # num_items_in_batch), so the Trainer must neither skip counting nor divide by GA again.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
+
+    def create_optimizer(self, model=None):  # noqa: D102
+        if self.loraplus is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        # the optimizer class and its arguments (betas, eps...) that `optim` names
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        optimizer_kwargs.pop("lr")
+        ratio, embedding_lr = self.loraplus
+        self.optimizer = create_loraplus_optimizer(
+            model or self.model,
+            optimizer_cls,
+            lr=self.args.learning_rate,
+            loraplus_lr_ratio=ratio,
+            loraplus_lr_embedding=embedding_lr,
+            loraplus_weight_decay=self.args.weight_decay,
+            **optimizer_kwargs,
+        )
+        return self.optimizer
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)

@@ -104,6 +104,7 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
         callbacks=[ProgressCallback(meter), JsonlLogCallback(), interrupt],
         meter=meter,
         stage_loss=stage_loss,
+        loraplus=_loraplus(config.method),
     )
     _remove_tqdm_callbacks(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -117,6 +118,12 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     if config.method.finetuning_type != "lora":  # saved in the dtype it was loaded in
         trainer.model.to(weights_dtype)
     return _finish(config, trainer, result, meter, stage, model_config, template, data)
+
+
+def _loraplus(method) -> tuple[float, float] | None:
+    if method.loraplus_lr_ratio is None:
+        return None
+    return (method.loraplus_lr_ratio, method.loraplus_lr_embedding)
 
 
 def _finish(config, trainer, result, meter, stage, model_config, template, data) -> dict[str, Any]:
