@@ -229,7 +229,6 @@ def test_replace_revalidates():
         ("deepspeed=ds_z3.json", "one process"),
         ("rope_scaling=linear", "RoPE scaling"),
         ("new_special_tokens=<a>,<b>", "adding tokens"),
-        ("pissa_init=true", "PiSSA"),
         ("use_galore=true", "AdamW"),
         ("galore_rank=16", "AdamW"),
         ("adam_beta2=0.95", "AdamW"),
@@ -290,12 +289,16 @@ def test_implemented_llamafactory_keys_map_onto_corral_settings():
             "export_dir=out",
             "export_size=5",
             "loraplus_lr_ratio=16",
+            "pissa_init=true",
+            "pissa_iter=-1",
+            "pissa_convert=true",
         ],
     )
     assert config.data.packing is True and config.train.fused_ops is True
     assert config.model.device == "cpu" and config.method.create_new_adapter is True
     assert (config.export.export_dir, config.export.export_size) == ("out", 5)
     assert config.method.loraplus_lr_ratio == 16 and config.method.loraplus_lr_embedding == 1e-6
+    assert config.method.pissa_init is True and config.method.pissa_iter == -1
     assert config.notes == []
     # their LLaMA-Factory defaults leave corral's defaults alone
     defaults = load_config(None, ["neat_packing=false", "enable_liger_kernel=false"])

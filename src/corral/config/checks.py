@@ -31,6 +31,7 @@ def check_config(config: CorralConfig) -> None:
         _check_precision,
         _check_data,
         _check_method,
+        _check_pissa,
         _note_other_stage_keys,
         _check_preference,
         _check_packing_and_eval,
@@ -100,6 +101,41 @@ def _check_method(config: CorralConfig) -> list[str]:
         problems.append(
             "additional_target needs finetuning_type: lora (full trains every module; with "
             "freeze, name extra modules in freeze_extra_modules)"
+        )
+    return problems
+
+
+# PiSSA moves the principal part of each weight out of the base: a reference made by switching
+# the adapter off (dpo, kto, ppo, grpo) would be the residual, not the model as loaded.
+PISSA_STAGES = ("pt", "sft")
+
+
+def _check_pissa(config: CorralConfig) -> list[str]:
+    method = config.method
+    if not method.pissa_init:
+        return ["pissa_convert needs pissa_init: true"] if method.pissa_convert else []
+    problems = []
+    if method.finetuning_type != "lora":
+        problems.append("pissa_init needs finetuning_type: lora")
+    if method.stage not in PISSA_STAGES:
+        problems.append(
+            f"pissa_init is available for stages {', '.join(PISSA_STAGES)}, not "
+            f"{method.stage} (its base keeps only the residual of each weight)"
+        )
+    if config.model.adapter_name_or_path and not method.create_new_adapter:
+        problems.append(
+            "pissa_init initialises a new adapter, but adapter_name_or_path continues training "
+            "the last adapter given; set create_new_adapter: true or remove pissa_init"
+        )
+    if config.train.resume_from_checkpoint is not None:
+        problems.append(
+            "resume_from_checkpoint with pissa_init: checkpoints hold the adapter converted to "
+            "plain LoRA (rank 2 x lora_rank), not the training state; start a new run"
+        )
+    if not method.pissa_convert:
+        config.notes.append(
+            "pissa_convert: false, but corral always saves the PiSSA adapter converted to plain "
+            "LoRA for the original base (unconverted, it would need the residual base)"
         )
     return problems
 

@@ -188,6 +188,17 @@ class MethodConfig:
     loraplus_lr_embedding: float = opt(
         1e-6, "LoRA+: learning rate of the LoRA matrices of embedding layers.", gt=0
     )
+    pissa_init: bool = opt(
+        False,
+        "PiSSA: start LoRA from the weights' principal singular vectors (the base keeps the "
+        "residual); the saved adapter is converted to plain LoRA for the original base.",
+    )
+    pissa_iter: int = opt(16, "PiSSA: fast-SVD iterations (-1: full SVD, slower and exact).", ge=-1)
+    pissa_convert: bool = opt(
+        False,
+        "PiSSA: convert the saved adapter to plain LoRA. corral always converts (an unconverted "
+        "adapter needs the residual base, which is not saved); false only adds a note.",
+    )
     pref_beta: float = opt(
         0.1,
         "dpo, kto: beta, how far the policy may move from the reference (smaller: further).",

@@ -196,9 +196,6 @@ REFUSED_KEYS = {
     "lr_scheduler_kwargs": "corral's schedules take no extra arguments; choose lr_scheduler_type",
     "label_smoothing_factor": "label smoothing is not built",
     "neftune_noise_alpha": "NEFTune noise is not built",
-    "pissa_init": "PiSSA initialisation is not built yet",
-    "pissa_iter": "PiSSA initialisation is not built yet",
-    "pissa_convert": "PiSSA initialisation is not built yet",
     "ld_alpha": "LD-DPO is not built; remove ld_alpha",
     "early_stopping_steps": "early stopping is not built; set max_steps or num_train_epochs",
     "load_best_model_at_end": "corral saves the last model; pick a checkpoint-N folder instead",
@@ -247,7 +244,6 @@ _DEFAULTS = {
     "adam_beta1": 0.9,
     "adam_beta2": 0.999,
     "adam_epsilon": 1e-8,
-    "pissa_iter": 16,
     "moe_aux_loss_coef": None,
     "infer_backend": "huggingface",
 }

@@ -110,8 +110,26 @@ def _attach_lora(model: Any, method: MethodConfig, resume_adapter: str | None) -
         modules_to_save=method.additional_target,
         use_dora=method.use_dora,
         use_rslora=method.use_rslora,
+        init_lora_weights=_lora_init(method),
     )
     return get_peft_model(model, config)
+
+
+def _lora_init(method: MethodConfig) -> bool | str:
+    """peft's init_lora_weights: True (B = 0), or PiSSA by full or fast (niter) SVD."""
+    if not method.pissa_init:
+        return True
+    return "pissa" if method.pissa_iter == -1 else f"pissa_niter_{method.pissa_iter}"
+
+
+def save_initial_adapter(model: Any, folder: str) -> None:
+    """Save a just-initialised PiSSA adapter, from which saves are converted to plain LoRA.
+
+    PiSSA's adapter only gives the trained model on top of the residual base; peft turns the
+    difference between the trained and this initial adapter into a LoRA for the original base
+    (`save_pretrained(..., path_initial_model_for_weight_conversion=folder)`).
+    """
+    model.save_pretrained(folder)
 
 
 def _freeze_trainable_names(model: Any, method: MethodConfig) -> list[str]:

@@ -140,6 +140,8 @@ class CorralTrainer(Trainer):
         loraplus: LoRA+ as (loraplus_lr_ratio, loraplus_lr_embedding): LoRA B matrices
             train at learning_rate x ratio, LoRA embedding matrices at the second value, the
             rest at learning_rate (peft's `create_loraplus_optimizer`). None: one lr for all.
+        pissa_start: the folder of the PiSSA adapter as initialised (`save_initial_adapter`):
+            every save (checkpoints too) is converted to a plain LoRA for the original base.
     """
 
     def __init__(
@@ -148,11 +150,13 @@ class CorralTrainer(Trainer):
         meter: TokenMeter,
         stage_loss: Callable[..., tuple[torch.Tensor, dict[str, float]]] | None = None,
         loraplus: tuple[float, float] | None = None,
+        pissa_start: str | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.meter = meter
         self.loraplus = loraplus
+        self.pissa_start = pissa_start
         self.stage_loss = stage_loss
         self._stage_metrics: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
         # Our loss divides by the labelled tokens of the whole accumulated batch (the Trainer's
@@ -179,6 +183,17 @@ class CorralTrainer(Trainer):
             **optimizer_kwargs,
         )
         return self.optimizer
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:  # noqa: D102
+        if self.pissa_start is None:
+            return super().save_model(output_dir, _internal_call)
+        # an unconverted PiSSA adapter gives another model on the original base: never write one
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            self.model.save_pretrained(
+                output_dir, path_initial_model_for_weight_conversion=self.pissa_start
+            )
+            self.processing_class.save_pretrained(output_dir)
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)

@@ -8,6 +8,7 @@ load model -> template -> dataset (cached) -> method (full/freeze/lora) -> Train
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from corral.data.processors import format_summary
 from corral.data.templates import encode_turns, get_template, prefix_every_piece
 from corral.infer.engine import ChatEngine
 from corral.infer.evaluate import evaluate_generation, evaluate_perplexity, write_run
-from corral.model.adapters import adapters_to_merge, apply_method
+from corral.model.adapters import adapters_to_merge, apply_method, save_initial_adapter
 from corral.model.fused import fuse_for_training
 from corral.model.load import load_model, resolve_base_for_adapters
 from corral.model.reward import use_pooling_pad
@@ -45,6 +46,9 @@ class RunContext:
     train_records: list
     eval_records: list
     log_history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+PISSA_START = "pissa_init"  # the initial PiSSA adapter, in output_dir while training runs
 
 
 def run_training(config: CorralConfig) -> dict[str, Any]:
@@ -81,6 +85,10 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     # before apply_method: a reference copy must be of the model as loaded
     stage_loss = stage.make_loss(config, model) if stage.make_loss is not None else None
     model = apply_method(model, config.method, model_config.adapter_name_or_path)
+    pissa_start = None
+    if config.method.pissa_init:  # removed after the final save, which is converted from it
+        pissa_start = str(Path(config.output.output_dir) / PISSA_START)
+        save_initial_adapter(model, pissa_start)
     if config.train.fused_ops:
         fuse_for_training(model)
     # A KV cache is useless in training, and its presence stops transformers from deriving the
@@ -105,6 +113,7 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
         meter=meter,
         stage_loss=stage_loss,
         loraplus=_loraplus(config.method),
+        pissa_start=pissa_start,
     )
     _remove_tqdm_callbacks(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -117,7 +126,10 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     result.metrics["preprocessing_seconds"] = round(preprocessing_seconds, 3)
     if config.method.finetuning_type != "lora":  # saved in the dtype it was loaded in
         trainer.model.to(weights_dtype)
-    return _finish(config, trainer, result, meter, stage, model_config, template, data)
+    metrics = _finish(config, trainer, result, meter, stage, model_config, template, data)
+    if pissa_start is not None:  # the saved adapter is converted; the start is not an output
+        shutil.rmtree(pissa_start)
+    return metrics
 
 
 def _loraplus(method) -> tuple[float, float] | None:
