@@ -227,7 +227,6 @@ def test_replace_revalidates():
     [
         ("quantization_bit=4", "QLoRA"),
         ("deepspeed=ds_z3.json", "one process"),
-        ("rope_scaling=linear", "RoPE scaling"),
         ("new_special_tokens=<a>,<b>", "adding tokens"),
         ("use_galore=true", "AdamW"),
         ("galore_rank=16", "AdamW"),
@@ -292,6 +291,7 @@ def test_implemented_llamafactory_keys_map_onto_corral_settings():
             "pissa_init=true",
             "pissa_iter=-1",
             "pissa_convert=true",
+            "rope_scaling=yarn",
         ],
     )
     assert config.data.packing is True and config.train.fused_ops is True
@@ -299,6 +299,7 @@ def test_implemented_llamafactory_keys_map_onto_corral_settings():
     assert (config.export.export_dir, config.export.export_size) == ("out", 5)
     assert config.method.loraplus_lr_ratio == 16 and config.method.loraplus_lr_embedding == 1e-6
     assert config.method.pissa_init is True and config.method.pissa_iter == -1
+    assert config.model.rope_scaling == "yarn"
     assert config.notes == []
     # their LLaMA-Factory defaults leave corral's defaults alone
     defaults = load_config(None, ["neat_packing=false", "enable_liger_kernel=false"])

@@ -40,6 +40,7 @@ PREFERENCE_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 # How chat templates write tools (LLaMA-Factory's tool_format names); corral.data.templates.tools
 # renders and parses them.
 TOOL_FORMATS = ("default", "llama3", "mistral", "qwen")
+ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")  # corral.model.rope applies them
 # Losses that compare the policy with itself only: no reference model is loaded for them.
 REFERENCE_FREE_LOSSES = ("orpo", "simpo")
 SCHEDULERS = (
@@ -93,6 +94,13 @@ class ModelConfig:
     )
     trust_remote_code: bool = opt(
         False, "Allow model code from the hub (only for models you trust)."
+    )
+    rope_scaling: str | None = opt(
+        None,
+        "Training: RoPE scaling when cutoff_len exceeds the model's max_position_embeddings "
+        "(factor ceil(cutoff_len / max_position_embeddings), as LLaMA-Factory sets it); a "
+        "trained folder records it and is loaded with it. Empty: none.",
+        choices=ROPE_SCALINGS,
     )
 
 

@@ -139,7 +139,6 @@ REFUSED_KEYS = {
     # model loading and architecture
     "model_revision": "corral loads the model folder as it is; check out that revision locally",
     "adapter_folder": "name the adapter folders in adapter_name_or_path",
-    "rope_scaling": "RoPE scaling is not built yet; keep cutoff_len within the model's context",
     "shift_attn": "S^2-attention (shift_attn) is not built",
     "mixture_of_depths": "mixture-of-depths conversion is not built",
     "train_from_scratch": "corral fine-tunes pretrained weights; it does not re-initialise them",

@@ -27,6 +27,7 @@ from corral.model.default import (
     dequantize_gguf,
 )
 from corral.model.reward import prepare_value_head, wants_value_head
+from corral.model.rope import recorded_rope, rope_overrides
 from corral.utils.errors import MissingDependencyError, ModelError
 from corral.utils.log import get_logger, quiet_libraries
 from corral.utils.suggest import did_you_mean
@@ -321,7 +322,11 @@ def load_tokenizer(source_or_config: ModelSource | ModelConfig | str) -> Any:
 
 
 def load_model(
-    model_config: ModelConfig, *, for_training: bool = False, value_head: bool | None = None
+    model_config: ModelConfig,
+    *,
+    for_training: bool = False,
+    value_head: bool | None = None,
+    context_len: int | None = None,
 ) -> tuple[Any, Any]:
     """Load the base model (and adapters) that `model_config` names, with its tokenizer.
 
@@ -333,6 +338,8 @@ def load_model(
             model, `AutoModelForSequenceClassification` with one label; see
             `corral.model.reward`); a head the folder lacks starts at zero. None: as the
             folders say (a reward model folder or adapter gets its head).
+        context_len: the training length (cutoff_len), which `rope_scaling` stretches the
+            model's positions to; None (inference): the RoPE settings the adapters recorded.
 
     Returns:
         (model, tokenizer); the model on its device, in eval mode.
@@ -355,6 +362,11 @@ def load_model(
     dtype = pick_dtype(config.dtype, device)
     attention = pick_attention(config.flash_attn, device)
     get_logger().info(f"loading {source.name} on {device} ({str(dtype).removeprefix('torch.')})")
+    if source.kind == "gguf" and config.rope_scaling is not None and context_len is not None:
+        raise ModelError(
+            f"rope_scaling: '{source.name}' is a GGUF file; train with RoPE scaling from the "
+            "Hugging Face model folder it was made from"
+        )
     if source.kind == "gguf":
         model, tokenizer = dequantize_gguf(
             Path(source.path), dtype=dtype, attn_implementation=attention
@@ -368,6 +380,7 @@ def load_model(
             dtype=dtype,
             attn_implementation=attention,
             **({"num_labels": 1} if value_head else {}),
+            **(_rope_for(config, source, adapters, context_len) or {}),
         )
         tokenizer = None
     # as loaded, before saving rewrites it: a causal LM folder gets a new score head
@@ -385,6 +398,20 @@ def load_model(
     if not for_training:
         model = merge_adapters(model, adapters, source)
     return model.eval(), tokenizer
+
+
+def _rope_for(
+    config: ModelConfig, source: ModelSource, adapters: list[str], context_len: int | None
+) -> dict[str, Any] | None:
+    """RoPE config overrides: rope_scaling's for training, else those the adapters recorded."""
+    if config.rope_scaling is not None and context_len is not None:
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(
+            _local_or_hub(source), trust_remote_code=config.trust_remote_code
+        )
+        return rope_overrides(hf_config, config.rope_scaling, context_len)
+    return recorded_rope([info for info in map(find_run_info, adapters) if info])
 
 
 def merge_adapters(model: Any, adapters: list[str], source: ModelSource | None = None) -> Any:

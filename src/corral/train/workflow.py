@@ -65,7 +65,10 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
 
     model_config = resolve_base_for_adapters(config.model)
     model, tokenizer = load_model(
-        model_config, for_training=True, value_head=stage.needs_value_head
+        model_config,
+        for_training=True,
+        value_head=stage.needs_value_head,
+        context_len=config.data.cutoff_len,
     )
     template = get_template(model_config.template, tokenizer, tool_format=model_config.tool_format)
     if model_config.default_system is not None:  # trained with, so chat and serve use it too
