@@ -63,20 +63,7 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     log.info(f"memory allocator: {describe_allocator()}")
     config.save(Path(config.output.output_dir) / CONFIG_FILE)
 
-    model_config = resolve_base_for_adapters(config.model)
-    model, tokenizer = load_model(
-        model_config,
-        for_training=True,
-        value_head=stage.needs_value_head,
-        context_len=config.data.cutoff_len,
-    )
-    template = get_template(model_config.template, tokenizer, tool_format=model_config.tool_format)
-    if model_config.default_system is not None:  # trained with, so chat and serve use it too
-        template = dataclasses.replace(template, default_system=model_config.default_system)
-    tokenizer.chat_template = template.jinja  # saved with every checkpoint: serve what we trained
-    prefix_every_piece(tokenizer)  # ... and tokenize its text as training does
-    if stage.needs_value_head:  # last-token pooling must not take a reply's end for padding
-        use_pooling_pad(model, tokenizer, _reply_end_id(template, tokenizer))
+    model_config, model, tokenizer, template = _model_and_template(config, stage)
     started = time.perf_counter()
     data = build_dataset(
         config.data, tokenizer, template, kind=stage.dataset_kind, seed=config.train.seed
@@ -87,16 +74,7 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     weights_dtype = model.dtype  # trainable weights become fp32 master copies below
     # before apply_method: a reference copy must be of the model as loaded
     stage_loss = stage.make_loss(config, model) if stage.make_loss is not None else None
-    model = apply_method(model, config.method, model_config.adapter_name_or_path)
-    pissa_start = None
-    if config.method.pissa_init:  # removed after the final save, which is converted from it
-        pissa_start = str(Path(config.output.output_dir) / PISSA_START)
-        save_initial_adapter(model, pissa_start)
-    if config.train.fused_ops:
-        fuse_for_training(model)
-    # A KV cache is useless in training, and its presence stops transformers from deriving the
-    # block-diagonal mask of packed rows from their position_ids.
-    model.config.use_cache = False
+    model, pissa_start = _trainable(config, model, model_config)
 
     meter = TokenMeter()
     interrupt = InterruptCallback()
@@ -133,6 +111,42 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     if pissa_start is not None:  # the saved adapter is converted; the start is not an output
         shutil.rmtree(pissa_start)
     return metrics
+
+
+def _model_and_template(config: CorralConfig, stage: Any) -> tuple[Any, Any, Any, Any]:
+    """The model to train (adapters it continues resolved), its tokenizer, and the template
+    training renders with, set on the tokenizer so every checkpoint serves what was trained."""
+    model_config = resolve_base_for_adapters(config.model)
+    model, tokenizer = load_model(
+        model_config,
+        for_training=True,
+        value_head=stage.needs_value_head,
+        context_len=config.data.cutoff_len,
+    )
+    template = get_template(model_config.template, tokenizer, tool_format=model_config.tool_format)
+    if model_config.default_system is not None:  # trained with, so chat and serve use it too
+        template = dataclasses.replace(template, default_system=model_config.default_system)
+    tokenizer.chat_template = template.jinja  # saved with every checkpoint: serve what we trained
+    prefix_every_piece(tokenizer)  # ... and tokenize its text as training does
+    if stage.needs_value_head:  # last-token pooling must not take a reply's end for padding
+        use_pooling_pad(model, tokenizer, _reply_end_id(template, tokenizer))
+    return model_config, model, tokenizer, template
+
+
+def _trainable(config: CorralConfig, model: Any, model_config: Any) -> tuple[Any, str | None]:
+    """The model with the fine-tuning method applied, and where PiSSA's starting adapter was
+    saved (None without PiSSA)."""
+    model = apply_method(model, config.method, model_config.adapter_name_or_path)
+    pissa_start = None
+    if config.method.pissa_init:  # removed after the final save, which is converted from it
+        pissa_start = str(Path(config.output.output_dir) / PISSA_START)
+        save_initial_adapter(model, pissa_start)
+    if config.train.fused_ops:
+        fuse_for_training(model)
+    # A KV cache is useless in training, and its presence stops transformers from deriving the
+    # block-diagonal mask of packed rows from their position_ids.
+    model.config.use_cache = False
+    return model, pissa_start
 
 
 def _loraplus(method) -> tuple[float, float] | None:
