@@ -284,9 +284,14 @@ class MethodConfig:
 @dataclass
 class TrainConfig:
     per_device_train_batch_size: int = opt(
-        4, "Examples (or packed rows) per device per step.", ge=1
+        4,
+        "Examples (or packed rows) per device (process) per step; the global batch is this x "
+        "gradient_accumulation_steps x the number of processes.",
+        ge=1,
     )
-    per_device_eval_batch_size: int = opt(4, "Examples per device per validation step.", ge=1)
+    per_device_eval_batch_size: int = opt(
+        4, "Examples per device (process) per validation step.", ge=1
+    )
     gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated per optimizer step.", ge=1)
     learning_rate: float = opt(1e-4, "Peak learning rate.", gt=0)
     num_train_epochs: float = opt(
@@ -317,7 +322,7 @@ class TrainConfig:
     seed: int = opt(42, "Random seed for data order, splits and initialisation.")
     bf16: bool = opt(False, "Train in bfloat16 mixed precision (GPU).")
     fp16: bool = opt(False, "Train in float16 mixed precision (GPU).")
-    dataloader_num_workers: int = opt(0, "Data-loading worker processes.", ge=0)
+    dataloader_num_workers: int = opt(0, "Data-loading worker processes, per process.", ge=0)
     resume_from_checkpoint: str | None = opt(
         None, "Resume: true (the latest checkpoint in output_dir) or a checkpoint folder."
     )
