@@ -293,6 +293,10 @@ def test_fsdp_keys_become_the_trainers_fsdp_settings(tmp_path, monkeypatch):
     assert plugin["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
     assert plugin["state_dict_type"] == "FULL_STATE_DICT"  # the final save is one folder
     assert config.train.fused_ops is False
+    assert _problems("fsdp=full_shard", "pissa_init=true") == [
+        "pissa_init with FSDP: converting the adapter needs the whole base weights, which FSDP "
+        "shards; remove fsdp or pissa_init"
+    ]
 
 
 def test_fsdp_config_as_a_mapping_in_yaml(tmp_path):

@@ -369,7 +369,16 @@ def _check_distributed(config: CorralConfig) -> list[str]:
             return err.problems
         return _check_deepspeed(config, ds)
     _fused_ops_off(config, "FSDP")
+    if config.method.pissa_init:
+        return [_pissa_sharded("FSDP", "remove fsdp or pissa_init")]
     return []
+
+
+def _pissa_sharded(engine: str, fix: str) -> str:
+    return (
+        f"pissa_init with {engine}: converting the adapter needs the whole base weights, which "
+        f"{engine} shards; {fix}"
+    )
 
 
 def read_deepspeed_config(path: str) -> dict[str, Any]:
@@ -476,10 +485,7 @@ def _check_zero3(config: CorralConfig, zero: dict[str, Any]) -> list[str]:
             "true; set it, so the final save is a model folder that chat, export and serve load"
         )
     if config.method.pissa_init:
-        problems.append(
-            "pissa_init with ZeRO-3: converting the adapter needs the whole base weights, which "
-            "ZeRO-3 shards; use a ZeRO-2 config or remove pissa_init"
-        )
+        problems.append(_pissa_sharded("ZeRO-3", "use a ZeRO-2 config or remove pissa_init"))
     _fused_ops_off(config, "ZeRO-3")
     return problems
 
