@@ -13,6 +13,7 @@ import os
 import sys
 
 from corral import __version__
+from corral.utils.distributed import record_error
 from corral.utils.errors import CorralError
 from corral.utils.suggest import did_you_mean
 
@@ -101,11 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return module.run(args) or 0
     except CorralError as exc:
+        record_error(exc)
         if args.debug:
             raise
         print(f"corral {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a path the user gave: unwritable, a disk that filled up, ...
+        record_error(exc)
         if args.debug:
             raise
         print(f"corral {args.command}: error: {exc} (--debug shows where)", file=sys.stderr)
@@ -113,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: its traceback follows; under torchrun, the summary too
+        record_error(exc)
+        raise
 
 
 def _reexec_with_tcmalloc(parser: Parser) -> None:

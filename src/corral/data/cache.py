@@ -34,7 +34,7 @@ from corral.utils.paths import corral_home
 CACHE_VERSION = 2
 # Settings that change how fast the cache is built, not what it holds.
 _NOT_IN_KEY = ("preprocessing_num_workers", "overwrite_cache")
-_STATS_FILE = "stats.json"
+STATS_FILE = "stats.json"
 _FILE_HASHES = "file_hashes.json"
 
 
@@ -130,7 +130,7 @@ def cache_dir(key: str) -> Path:
 def load_cached(key: str) -> tuple[Any, Any | None, DataStats] | None:
     """The cached (train, eval or None, stats) for `key`, or None when not cached."""
     folder = cache_dir(key)
-    if not (folder / _STATS_FILE).is_file():
+    if not (folder / STATS_FILE).is_file():
         return None
     import datasets
 
@@ -138,7 +138,7 @@ def load_cached(key: str) -> tuple[Any, Any | None, DataStats] | None:
     evaluation = (
         datasets.load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
     )
-    stats = DataStats.from_json((folder / _STATS_FILE).read_text())
+    stats = DataStats.from_json((folder / STATS_FILE).read_text())
     return train, evaluation, stats
 
 
@@ -158,7 +158,7 @@ def save_cached(
     train.save_to_disk(str(temp / "train"))
     if evaluation is not None:
         evaluation.save_to_disk(str(temp / "eval"))
-    (temp / _STATS_FILE).write_text(stats.to_json())
+    (temp / STATS_FILE).write_text(stats.to_json())
     old = None
     if folder.exists() and replace:
         old = folder.parent / f".old-{key[:16]}-{uuid.uuid4().hex}"

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from corral.config.fields import DataConfig
-from corral.data.cache import cache_dir, cache_key, load_cached, save_cached
+from corral.data.cache import STATS_FILE, cache_dir, cache_key, load_cached, save_cached
 from corral.data.loader import load_records
 from corral.data.processors import (
     NO_REPLY,
@@ -30,6 +30,7 @@ from corral.data.processors import (
 )
 from corral.data.records import Record
 from corral.data.templates import Template
+from corral.utils.distributed import is_local_main_process, wait_until
 from corral.utils.errors import DataError
 from corral.utils.log import get_logger
 
@@ -57,7 +58,9 @@ def build_dataset(
     log = get_logger()
     processor_for(kind)  # an unimplemented kind fails before any file is read
     key = cache_key(data, tokenizer, template, kind=kind, seed=seed)
-    cached = None if data.overwrite_cache else load_cached(key)
+    if not is_local_main_process():  # its machine's first process tokenises, once
+        wait_until(lambda: _cached_for_this_run(key, data.overwrite_cache))
+    cached = None if data.overwrite_cache and is_local_main_process() else load_cached(key)
     if cached is not None:
         log.info(f"using cached dataset {cache_dir(key)} (overwrite_cache=true rebuilds it)")
         train, evaluation, stats = cached
@@ -86,6 +89,20 @@ def build_dataset(
     )
     train, evaluation, stats = load_cached(key)  # memory-mapped: cheap to share with workers
     return ProcessedData(train, evaluation, stats, loaded=loaded)
+
+
+def _cached_for_this_run(key: str, rebuilt: bool) -> bool:
+    """Whether the cache for `key` is there; with overwrite_cache, written since this process
+    started (the local rank 0 started with it and rebuilds it)."""
+    stats = cache_dir(key) / STATS_FILE
+    if not rebuilt:
+        return stats.is_file()
+    import psutil  # accelerate's dependency
+
+    try:
+        return stats.stat().st_mtime >= psutil.Process().create_time()
+    except FileNotFoundError:
+        return False
 
 
 # Deliberate differences from LLaMA-Factory 0.9.5 a configuration can meet (README: "Coming

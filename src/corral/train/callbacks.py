@@ -30,7 +30,7 @@ class ProgressCallback(TrainerCallback):
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.meter.started = time.perf_counter()
-        if sys.stderr.isatty():
+        if sys.stderr.isatty() and state.is_world_process_zero:
             self.progress = Progress(
                 TextColumn("[bold]step {task.completed}/{task.total}"),
                 BarColumn(),

@@ -2,6 +2,7 @@
 
 corral train examples/sft_lora_alpaca.yaml
 corral train dataset=identity max_steps=20 output_dir=saves/me
+corral train examples/sft_lora_alpaca.yaml --nproc-per-node 2   # under torchrun, 2 processes
 """
 
 from __future__ import annotations
@@ -9,16 +10,20 @@ from __future__ import annotations
 import argparse
 
 from corral.config.cli_args import add_config_args, config_from_args
+from corral.train.launch import add_launch_arguments, relaunch, wants_launch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`corral train` takes the config file and overrides only."""
+    """`corral train` takes the config file and overrides, and torchrun's process options."""
     add_config_args(parser)
+    add_launch_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the config and run the training workflow."""
-    config = config_from_args(args)  # config errors first, before the slow imports
+    """Build the config and run the training workflow (in N processes with --nproc-per-node)."""
+    config = config_from_args(args)  # config errors first, once, before the slow imports
+    if wants_launch(args):
+        relaunch(args, [*(["--debug"] if args.debug else []), "train", *args.config_args])
     from corral.train.workflow import run_training
 
     run_training(config)

@@ -10,6 +10,7 @@ from corral.config import CorralConfig
 from corral.model.artifacts import BASE_ADAPTERS, write_run_info
 from corral.model.rope import RUN_INFO_KEY as ROPE_KEY
 from corral.model.rope import rope_record
+from corral.utils.distributed import is_main_process
 from corral.utils.errors import CorralError
 
 CONFIG_FILE = "corral_config.yaml"
@@ -18,6 +19,9 @@ CONFIG_FILE = "corral_config.yaml"
 def prepare_output_dir(config: CorralConfig) -> str | None:
     """Create output_dir, refusing a non-empty one unless overwriting or resuming.
 
+    In a multi-process run only rank 0 checks and creates the folder; the others write in it
+    only once training has started, after the collectives that follow.
+
     Returns:
         The checkpoint folder to resume from, or None for a fresh run.
     """
@@ -25,6 +29,8 @@ def prepare_output_dir(config: CorralConfig) -> str | None:
     resume = config.train.resume_from_checkpoint
     if resume is not None:
         return _checkpoint_to_resume(out, resume)
+    if not is_main_process():
+        return None
     # A folder holding only the config is a run that failed before training (a missing model,
     # a dataset typo): its rerun must not need overwrite_output_dir.
     written = [p.name for p in out.iterdir()] if out.is_dir() else []
@@ -71,8 +77,11 @@ def save_final(
     Scaled RoPE settings are recorded too, so an adapter's base is loaded with them again.
     """
     out = config.output.output_dir
+    # every process: under sharded engines saving gathers the weights; rank 0 writes them
     trainer.save_model(out)  # safetensors + tokenizer (whose chat_template is the trained one)
     trainer.save_state()
+    if not is_main_process():
+        return
     config.save(Path(out) / CONFIG_FILE)
     write_run_info(
         out,

@@ -24,18 +24,31 @@ from corral.utils.errors import CorralError
 
 @dataclass
 class TokenMeter:
-    """Counts what the model actually processed, for tokens/s that ignore padding."""
+    """Counts what the model actually processed, for tokens/s that ignore padding.
 
-    real_tokens: int = 0  # non-padding tokens the model attended over
+    In a multi-process run each process counts its own batches; `CorralTrainer.log` sums the
+    counts over the processes (`all_ranks`), so the log and train_results.json report the run.
+    """
+
+    real_tokens: int = 0  # non-padding tokens this process's model attended over
     trained_tokens: int = 0  # tokens with a label (what the loss is computed on)
     started: float = field(default_factory=time.perf_counter)
     stopped: float | None = None  # set when training ends, so saving is not counted
+    # (real, trained) summed over every process at the last log, and when; None in one process
+    all_ranks: tuple[int, int] | None = None
+    summed_at: float = 0.0
 
     def seconds(self) -> float:
         return (self.stopped or time.perf_counter()) - self.started
 
+    def totals(self) -> tuple[int, int]:
+        """(real, trained) tokens of the whole run: every process's, as of the last log."""
+        return self.all_ranks or (self.real_tokens, self.trained_tokens)
+
     def tokens_per_second(self) -> float:
-        return self.real_tokens / max(self.seconds(), 1e-9)
+        if self.all_ranks is None:
+            return self.real_tokens / max(self.seconds(), 1e-9)
+        return self.all_ranks[0] / max(self.summed_at - self.started, 1e-9)
 
 
 def training_arguments(
@@ -128,12 +141,16 @@ class SeededLengthGroupedSampler(torch.utils.data.Sampler):
     transformers' sampler draws each epoch's order from the global RNG when the epoch starts;
     a resumed run restores that RNG as it was mid-epoch, so it saw a different order than the
     uninterrupted run. Seeding per epoch makes resume exact (tests/test_train.py checks it).
+
+    With N processes the groups are drawn for the global batch (N x the per-device batch, as
+    the processes take consecutive per-device batches in turn), so N processes see the same
+    order as one process with N times the batch.
     """
 
-    def __init__(self, base: LengthGroupedSampler, seed: int):
+    def __init__(self, base: LengthGroupedSampler, seed: int, processes: int = 1):
         self.lengths, self.batch_size, self.seed, self.epoch = (
             base.lengths,
-            base.batch_size,
+            base.batch_size * processes,
             seed,
             0,
         )
@@ -218,7 +235,8 @@ class CorralTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):
-            return SeededLengthGroupedSampler(sampler, seed=self.args.data_seed or self.args.seed)
+            seed = self.args.data_seed or self.args.seed
+            return SeededLengthGroupedSampler(sampler, seed, processes=self.args.world_size)
         return sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
@@ -273,12 +291,22 @@ class CorralTrainer(Trainer):
         return loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:  # noqa: D102
+        # every process logs at the same steps (the Trainer gathers the loss there too)
+        if self.args.world_size > 1:
+            self._sum_meter_over_processes()
         split = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         prefix = "eval_" if split == "eval" else ""
         for key, values in self._stage_metrics[split].items():
             logs[prefix + key] = round(sum(values) / len(values), 6)
         self._stage_metrics[split] = {}
         super().log(logs, *args, **kwargs)
+
+    def _sum_meter_over_processes(self) -> None:
+        local = torch.tensor(
+            [self.meter.real_tokens, self.meter.trained_tokens], device=self.args.device
+        )
+        real, trained = self.accelerator.reduce(local, reduction="sum").tolist()
+        self.meter.all_ranks, self.meter.summed_at = (real, trained), time.perf_counter()
 
 
 def peak_memory() -> dict[str, float]:

@@ -33,6 +33,7 @@ from corral.train.plot import plot_loss
 from corral.train.stages import get_stage
 from corral.train.trainer import CorralTrainer, TokenMeter, peak_memory, training_arguments
 from corral.utils.allocator import describe as describe_allocator
+from corral.utils.distributed import is_main_process, world_size
 from corral.utils.log import get_logger, quiet_libraries
 
 
@@ -61,7 +62,8 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
         log.warning(note)
     log.info("resolved config:\n" + config.to_yaml().rstrip())
     log.info(f"memory allocator: {describe_allocator()}")
-    config.save(Path(config.output.output_dir) / CONFIG_FILE)
+    if is_main_process():
+        config.save(Path(config.output.output_dir) / CONFIG_FILE)
 
     model_config, model, tokenizer, template = _model_and_template(config, stage)
     started = time.perf_counter()
@@ -78,6 +80,11 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
 
     meter = TokenMeter()
     interrupt = InterruptCallback()
+    # Under torchrun, Ctrl-C reaches every process and the launcher, which then stops them:
+    # save_steps checkpoints are what a multi-process run resumes from.
+    callbacks = [ProgressCallback(meter), JsonlLogCallback()]
+    if world_size() == 1:
+        callbacks.append(interrupt)
     make_trainer = stage.make_trainer or CorralTrainer
     extra = {"config": config, "template": template} if stage.make_trainer else {}
     trainer = make_trainer(
@@ -90,7 +97,7 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
         eval_dataset=data.eval,
         data_collator=_collator(stage, config, tokenizer),
         processing_class=tokenizer,
-        callbacks=[ProgressCallback(meter), JsonlLogCallback(), interrupt],
+        callbacks=callbacks,
         meter=meter,
         stage_loss=stage_loss,
         loraplus=_loraplus(config.method),
@@ -110,7 +117,7 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     if config.method.finetuning_type != "lora" and not sharded:
         trainer.model.to(weights_dtype)
     metrics = _finish(config, trainer, result, meter, stage, model_config, template, data)
-    if pissa_start is not None:  # the saved adapter is converted; the start is not an output
+    if pissa_start is not None and is_main_process():  # the saved adapter is converted
         shutil.rmtree(pissa_start)
     return metrics
 
@@ -142,7 +149,8 @@ def _trainable(config: CorralConfig, model: Any, model_config: Any) -> tuple[Any
     pissa_start = None
     if config.method.pissa_init:  # removed after the final save, which is converted from it
         pissa_start = str(Path(config.output.output_dir) / PISSA_START)
-        save_initial_adapter(model, pissa_start)
+        if is_main_process():  # every process starts alike; rank 0 saves and converts
+            save_initial_adapter(model, pissa_start)
     if config.train.fused_ops:
         fuse_for_training(model)
     # A KV cache is useless in training, and its presence stops transformers from deriving the
@@ -167,13 +175,16 @@ def _finish(config, trainer, result, meter, stage, model_config, template, data)
         base_adapters=_merged_adapters(config, model_config.adapter_name_or_path or [], stage),
     )
     metrics = dict(result.metrics)
+    real_tokens, trained_tokens = meter.totals()  # every process's
     metrics.update(
         real_tokens_per_second=round(meter.tokens_per_second(), 2),
         training_seconds=round(meter.seconds(), 3),
-        real_tokens=meter.real_tokens,
-        trained_tokens=meter.trained_tokens,
+        real_tokens=real_tokens,
+        trained_tokens=trained_tokens,
         **peak_memory(),
     )
+    if not is_main_process():  # the checks, evaluation and reports are rank 0's
+        return metrics
     if stage.after_training is not None:
         trainer.model.eval()
         context = RunContext(

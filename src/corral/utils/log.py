@@ -5,16 +5,19 @@ from __future__ import annotations
 import logging
 import sys
 
+from corral.utils.distributed import is_main_process
+
 _logger = logging.getLogger("corral")
 
 
 def get_logger() -> logging.Logger:
-    """The corral logger, writing `corral: message` lines to stderr."""
+    """The corral logger, writing `corral: message` lines to stderr; in a multi-process run,
+    rank 0 alone logs below errors (every process would print the same)."""
     if not _logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[corral] %(message)s"))
         _logger.addHandler(handler)
-        _logger.setLevel(logging.INFO)
+        _logger.setLevel(logging.INFO if is_main_process() else logging.ERROR)
         _logger.propagate = False
     return _logger
 
