@@ -228,17 +228,26 @@ def test_deepspeed_with_fsdp_or_another_stage_is_refused(tmp_path):
     assert _problems("fsdp_config={}") == [
         "fsdp_config needs fsdp (e.g. fsdp: full_shard auto_wrap)"
     ]
-    pissa = _problems(f"deepspeed={DS_DIR / 'ds_z3_config.json'}", "pissa_init=true")
+    z3 = f"deepspeed={DS_DIR / 'ds_z3_config.json'}"
+    assert _problems(z3, "do_eval=true", "val_size=0.1", "output_dir=saves/z3") == [
+        "do_eval with ZeRO-3: the weights are sharded across the processes; evaluate the saved "
+        "model afterwards (corral eval ppl --model/--adapter saves/z3) instead"
+    ]
+    pissa = _problems(z3, "pissa_init=true")
     assert pissa == [
         "pissa_init with ZeRO-3: converting the adapter needs the whole base weights, which "
         "ZeRO-3 shards; use a ZeRO-2 config or remove pissa_init"
     ]
 
 
-def test_zero3_and_fsdp_turn_fused_ops_off_and_say_so():
+def test_zero3_turns_fused_ops_and_the_stop_check_off_and_says_so():
     config = load_config(None, [f"deepspeed={DS_DIR / 'ds_z3_config.json'}"])
     assert config.train.fused_ops is False
-    assert any(note.startswith("fused_ops: off under ZeRO-3") for note in config.notes)
+    assert config.train.stop_check_samples == 0
+    assert [note.split(" (")[0] for note in config.notes] == [
+        "fused_ops: off under ZeRO-3",
+        "stop_check_samples: 0 under ZeRO-3",
+    ]
     config = load_config(None, [f"deepspeed={DS_DIR / 'ds_z2_config.json'}"])
     assert config.train.fused_ops is True and config.notes == []
 

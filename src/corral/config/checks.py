@@ -369,9 +369,29 @@ def _check_distributed(config: CorralConfig) -> list[str]:
             return err.problems
         return _check_deepspeed(config, ds)
     _fused_ops_off(config, "FSDP")
+    problems = _after_training_sharded(config, "FSDP")
     if config.method.pissa_init:
-        return [_pissa_sharded("FSDP", "remove fsdp or pissa_init")]
-    return []
+        problems.append(_pissa_sharded("FSDP", "remove fsdp or pissa_init"))
+    return problems
+
+
+def _after_training_sharded(config: CorralConfig, engine: str) -> list[str]:
+    """What runs on rank 0 alone after training (sft's stop check, do_eval, do_predict) would
+    wait forever for the other ranks' shards of the weights: evaluate the saved folder."""
+    saved = config.output.output_dir or "the output_dir"
+    problems = [
+        f"{flag} with {engine}: the weights are sharded across the processes; evaluate the "
+        f"saved model afterwards (corral eval {command} --model/--adapter {saved}) instead"
+        for flag, command in (("do_eval", "ppl"), ("do_predict", "generate"))
+        if getattr(config.eval, flag)
+    ]
+    if config.method.stage == "sft" and config.train.stop_check_samples > 0:
+        config.train.stop_check_samples = 0
+        config.notes.append(
+            f"stop_check_samples: 0 under {engine} (the weights are sharded across the "
+            "processes); check the stop rate of the saved model with corral chat or eval generate"
+        )
+    return problems
 
 
 def _pissa_sharded(engine: str, fix: str) -> str:
@@ -487,7 +507,7 @@ def _check_zero3(config: CorralConfig, zero: dict[str, Any]) -> list[str]:
     if config.method.pissa_init:
         problems.append(_pissa_sharded("ZeRO-3", "use a ZeRO-2 config or remove pissa_init"))
     _fused_ops_off(config, "ZeRO-3")
-    return problems
+    return problems + _after_training_sharded(config, "ZeRO-3")
 
 
 def _fused_ops_off(config: CorralConfig, engine: str) -> None:
