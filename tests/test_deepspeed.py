@@ -260,11 +260,15 @@ def test_deepspeed_examples_are_valid_and_fully_supported(path, monkeypatch):
     assert Path(config.train.deepspeed).is_file()
 
 
-def test_deepspeed_reaches_the_trainer(tmp_path):
+def test_deepspeed_reaches_the_trainer_under_a_launcher(tmp_path, monkeypatch):
     """The config file is handed to the Trainer as it is; its "auto" values are the Trainer's
     to fill from corral's keys."""
     path = DS_DIR / "ds_z3_config.json"
     config = load_config(None, [f"deepspeed={path}", f"output_dir={tmp_path}", "device=cpu"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(CorralError, match="needs a launcher, even for one process: torchrun"):
+        _sharding_arguments(config, on_cpu=True)
+    monkeypatch.setenv("WORLD_SIZE", "1")
     assert _sharding_arguments(config, on_cpu=True) == {"deepspeed": str(path)}
 
 

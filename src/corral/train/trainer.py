@@ -6,6 +6,7 @@ corral adds the label-only fused LM loss, real-token accounting and its callback
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,6 +111,11 @@ def _sharding_arguments(config: CorralConfig, *, on_cpu: bool) -> dict[str, Any]
     train = config.train
     if train.deepspeed:
         require("deepspeed")
+        if "WORLD_SIZE" not in os.environ:  # DeepSpeed would look for MPI instead
+            raise CorralError(
+                f"deepspeed: '{train.deepspeed}' needs a launcher, even for one process: "
+                "torchrun --nproc_per_node N -m corral train … (or corral train --nproc-per-node N)"
+            )
         return {"deepspeed": train.deepspeed}
     if not train.fsdp:
         return {}
