@@ -183,7 +183,7 @@ def test_deepspeed_file_that_is_not_json(tmp_path):
             "sets gradient_accumulation_steps: 4 but gradient_accumulation_steps is 1",
         ),
         ({"gradient_clipping": 0.5}, [], "sets gradient_clipping: 0.5 but max_grad_norm is 1.0"),
-        ({"train_batch_size": 64}, [], "sets train_batch_size: 64 but"),
+        ({"train_batch_size": 64}, [], 'sets train_batch_size: 64; set it to "auto"'),
         ({"bf16": {"enabled": True}}, [], "sets bf16.enabled: true but bf16 is false"),
         ({"fp16": {"enabled": False}}, ["fp16=true"], "sets fp16.enabled: false but fp16 is true"),
         ({"scheduler": {"type": "WarmupLR"}}, [], "has a scheduler block"),

@@ -7,7 +7,6 @@ fields lives here. Every problem is collected and raised together.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -431,16 +430,14 @@ def _check_deepspeed(config: CorralConfig, ds: dict[str, Any]) -> list[str]:
                 f"deepspeed: '{path}' sets {ds_key}: {value} but {key} is "
                 f'{getattr(train, key)}; set it to "auto" (filled from {key}) or make them equal'
             )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    global_batch = train.per_device_train_batch_size * train.gradient_accumulation_steps * world
-    if ds.get("train_batch_size", "auto") not in ("auto", global_batch):
+    if ds.get("train_batch_size", "auto") != "auto":
         problems.append(
-            f"deepspeed: '{path}' sets train_batch_size: {ds['train_batch_size']} but "
-            f"per_device_train_batch_size x gradient_accumulation_steps x {world} processes is "
-            f'{global_batch}; set it to "auto"'
+            f"deepspeed: '{path}' sets train_batch_size: {ds['train_batch_size']}; set it to "
+            '"auto": the global batch is per_device_train_batch_size x '
+            "gradient_accumulation_steps x the processes the launcher starts"
         )
     for precision in ("bf16", "fp16"):
-        enabled = (ds.get(precision) or {}).get("enabled", "auto")
+        enabled = _block(ds, precision).get("enabled", "auto")
         if enabled != "auto" and bool(enabled) != getattr(train, precision):
             problems.append(
                 f"deepspeed: '{path}' sets {precision}.enabled: {str(enabled).lower()} but "
@@ -448,10 +445,16 @@ def _check_deepspeed(config: CorralConfig, ds: dict[str, Any]) -> list[str]:
                 f"(filled from {precision}) or make them equal"
             )
     problems += _check_deepspeed_optimizer(config, ds)
-    zero = ds.get("zero_optimization") or {}
+    zero = _block(ds, "zero_optimization")
     if zero.get("stage") == 3:
         problems += _check_zero3(config, zero)
     return problems
+
+
+def _block(mapping: Any, key: str) -> dict[str, Any]:
+    """A sub-block of the DeepSpeed config ({} when absent or not a mapping)."""
+    block = mapping.get(key) if isinstance(mapping, dict) else None
+    return block if isinstance(block, dict) else {}
 
 
 def _check_deepspeed_optimizer(config: CorralConfig, ds: dict[str, Any]) -> list[str]:
@@ -464,9 +467,9 @@ def _check_deepspeed_optimizer(config: CorralConfig, ds: dict[str, Any]) -> list
             f"deepspeed: '{path}' has a scheduler block, which would replace lr_scheduler_type "
             "and warmup; remove it"
         )
-    optimizer = ds.get("optimizer")
-    offload = ((ds.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device")
-    if optimizer is None:
+    optimizer = _block(ds, "optimizer")
+    offload = _block(_block(ds, "zero_optimization"), "offload_optimizer").get("device")
+    if "optimizer" not in ds:
         if offload == "cpu" and ds.get("zero_force_ds_cpu_optimizer", True):
             problems.append(
                 f"deepspeed: '{path}' offloads the optimizer to the CPU, which needs DeepSpeed's "
@@ -475,7 +478,7 @@ def _check_deepspeed_optimizer(config: CorralConfig, ds: dict[str, Any]) -> list
                 "examples/deepspeed/ds_z3_offload_config.json)"
             )
         return problems
-    params = optimizer.get("params") or {}
+    params = _block(optimizer, "params")
     fixed = sorted(k for k, v in params.items() if v != "auto")
     if str(optimizer.get("type", "")).lower() not in ("adam", "adamw") or fixed:
         problems.append(
