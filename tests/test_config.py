@@ -226,7 +226,6 @@ def test_replace_revalidates():
     ("override", "named"),
     [
         ("quantization_bit=4", "QLoRA"),
-        ("deepspeed=ds_z3.json", "one process"),
         ("new_special_tokens=<a>,<b>", "adding tokens"),
         ("use_galore=true", "AdamW"),
         ("galore_rank=16", "AdamW"),
@@ -254,14 +253,13 @@ def test_refused_keys_at_their_off_value_change_nothing_and_pass():
         [
             "quantization_bit=",  # null in YAML
             "use_unsloth=false",
-            "deepspeed=",
             "num_beams=1",
             "adam_beta1=0.9",
             "infer_backend=huggingface",
         ],
     )
     assert config.notes == [
-        "ignoring keys that do not change what corral trains or writes: adam_beta1, deepspeed, "
+        "ignoring keys that do not change what corral trains or writes: adam_beta1, "
         "infer_backend, num_beams, quantization_bit, use_unsloth"
     ]
 

@@ -6,7 +6,9 @@ fields lives here. Every problem is collected and raised together.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from corral.config.fields import IMPLEMENTED_STAGES, REFERENCE_FREE_LOSSES, MethodConfig
 from corral.utils.errors import ConfigError
@@ -39,6 +41,7 @@ def check_config(config: CorralConfig) -> None:
         _check_resume,
         _check_eval,
         _check_ppo,
+        _check_distributed,
     ):
         problems.extend(check(config))
     if problems:
@@ -332,6 +335,193 @@ def _check_ppo(config: CorralConfig) -> list[str]:
             "reward and KL of its rollouts); the held-out prompts are unused"
         )
     return problems
+
+
+# Stages whose training runs through CorralTrainer's own loss, tested under DeepSpeed and FSDP.
+SHARDED_STAGES = ("pt", "sft")
+# DeepSpeed config entries that must agree with corral's keys ("auto": the Trainer fills them).
+_DS_MATCHES = {
+    "train_micro_batch_size_per_gpu": "per_device_train_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "gradient_clipping": "max_grad_norm",
+}
+
+
+def _check_distributed(config: CorralConfig) -> list[str]:
+    train = config.train
+    if train.fsdp_config is not None and not train.fsdp:
+        return ["fsdp_config needs fsdp (e.g. fsdp: full_shard auto_wrap)"]
+    if not (train.deepspeed or train.fsdp):
+        return []
+    engine = "deepspeed" if train.deepspeed else "fsdp"
+    if train.deepspeed and train.fsdp:
+        return ["deepspeed and fsdp are two ways to shard one model: set only one of them"]
+    if config.method.stage not in SHARDED_STAGES:
+        return [
+            f"{engine} is available for stages {', '.join(SHARDED_STAGES)}, not "
+            f"{config.method.stage}; remove {engine} (multi-process DDP still works)"
+        ]
+    if train.deepspeed:
+        try:
+            ds = read_deepspeed_config(train.deepspeed)
+        except ConfigError as err:
+            return err.problems
+        return _check_deepspeed(config, ds)
+    _fused_ops_off(config, "FSDP")
+    problems = _after_training_sharded(config, "FSDP")
+    if config.method.pissa_init:
+        problems.append(_pissa_sharded("FSDP", "remove fsdp or pissa_init"))
+    return problems
+
+
+def _after_training_sharded(config: CorralConfig, engine: str) -> list[str]:
+    """What runs on rank 0 alone after training (sft's stop check, do_eval, do_predict) would
+    wait forever for the other ranks' shards of the weights: evaluate the saved folder."""
+    saved = config.output.output_dir or "the output_dir"
+    problems = [
+        f"{flag} with {engine}: the weights are sharded across the processes; evaluate the "
+        f"saved model afterwards (corral eval {command} --model/--adapter {saved}) instead"
+        for flag, command in (("do_eval", "ppl"), ("do_predict", "generate"))
+        if getattr(config.eval, flag)
+    ]
+    if config.method.stage == "sft" and config.train.stop_check_samples > 0:
+        config.train.stop_check_samples = 0
+        config.notes.append(
+            f"stop_check_samples: 0 under {engine} (the weights are sharded across the "
+            "processes); check the stop rate of the saved model with corral chat or eval generate"
+        )
+    return problems
+
+
+def _pissa_sharded(engine: str, fix: str) -> str:
+    return (
+        f"pissa_init with {engine}: converting the adapter needs the whole base weights, which "
+        f"{engine} shards; {fix}"
+    )
+
+
+def read_deepspeed_config(path: str) -> dict[str, Any]:
+    """The DeepSpeed config file `deepspeed` names, parsed.
+
+    Raises:
+        ConfigError: the file does not exist or is not a JSON object.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError([f"deepspeed: config file '{path}' does not exist"])
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError([f"deepspeed: '{path}' is not valid JSON: {err}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"deepspeed: '{path}' must hold a JSON object, not {type(data).__name__}"]
+        )
+    return data
+
+
+def _check_deepspeed(config: CorralConfig, ds: dict[str, Any]) -> list[str]:
+    train, path = config.train, config.train.deepspeed
+    problems = []
+    for ds_key, key in _DS_MATCHES.items():
+        value = ds.get(ds_key, "auto")
+        if value != "auto" and value != getattr(train, key):
+            problems.append(
+                f"deepspeed: '{path}' sets {ds_key}: {value} but {key} is "
+                f'{getattr(train, key)}; set it to "auto" (filled from {key}) or make them equal'
+            )
+    if ds.get("train_batch_size", "auto") != "auto":
+        problems.append(
+            f"deepspeed: '{path}' sets train_batch_size: {ds['train_batch_size']}; set it to "
+            '"auto": the global batch is per_device_train_batch_size x '
+            "gradient_accumulation_steps x the processes the launcher starts"
+        )
+    for precision in ("bf16", "fp16"):
+        enabled = _block(ds, precision).get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != getattr(train, precision):
+            problems.append(
+                f"deepspeed: '{path}' sets {precision}.enabled: {str(enabled).lower()} but "
+                f'{precision} is {str(getattr(train, precision)).lower()}; set it to "auto" '
+                f"(filled from {precision}) or make them equal"
+            )
+    problems += _check_deepspeed_optimizer(config, ds)
+    zero = _block(ds, "zero_optimization")
+    if zero.get("stage") == 3:
+        problems += _check_zero3(config, zero)
+    return problems
+
+
+def _block(mapping: Any, key: str) -> dict[str, Any]:
+    """A sub-block of the DeepSpeed config ({} when absent or not a mapping)."""
+    block = mapping.get(key) if isinstance(mapping, dict) else None
+    return block if isinstance(block, dict) else {}
+
+
+def _check_deepspeed_optimizer(config: CorralConfig, ds: dict[str, Any]) -> list[str]:
+    """An optimizer block may only name DeepSpeed's Adam with every value "auto" (its CPU Adam
+    is what ZeRO-Offload needs); corral's optim, learning_rate, weight_decay and
+    lr_scheduler_type must stay what trains."""
+    path, problems = config.train.deepspeed, []
+    if "scheduler" in ds:
+        problems.append(
+            f"deepspeed: '{path}' has a scheduler block, which would replace lr_scheduler_type "
+            "and warmup; remove it"
+        )
+    optimizer = _block(ds, "optimizer")
+    offload = _block(_block(ds, "zero_optimization"), "offload_optimizer").get("device")
+    if "optimizer" not in ds:
+        if offload == "cpu" and ds.get("zero_force_ds_cpu_optimizer", True):
+            problems.append(
+                f"deepspeed: '{path}' offloads the optimizer to the CPU, which needs DeepSpeed's "
+                'CPU Adam: add "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": '
+                '"auto", "eps": "auto", "weight_decay": "auto"}} (see '
+                "examples/deepspeed/ds_z3_offload_config.json)"
+            )
+        return problems
+    params = _block(optimizer, "params")
+    fixed = sorted(k for k, v in params.items() if v != "auto")
+    if str(optimizer.get("type", "")).lower() not in ("adam", "adamw") or fixed:
+        problems.append(
+            f"deepspeed: '{path}' optimizer block must be type AdamW with every param \"auto\" "
+            f"(got type {optimizer.get('type')!r}, fixed {', '.join(fixed) or 'none'}); corral's "
+            "learning_rate and weight_decay set the optimizer"
+        )
+    if config.train.optim not in ("adamw_torch", "adamw_torch_fused"):
+        problems.append(
+            f"deepspeed: '{path}' names DeepSpeed's AdamW, but optim is {config.train.optim}; "
+            "remove the optimizer block or use optim: adamw_torch"
+        )
+    if config.method.loraplus_lr_ratio is not None:
+        problems.append(
+            f"deepspeed: '{path}' has an optimizer block, which builds one parameter group; "
+            "LoRA+ (loraplus_lr_ratio) needs its own groups: remove one of them (without "
+            "offload_optimizer the block is not needed)"
+        )
+    return problems
+
+
+def _check_zero3(config: CorralConfig, zero: dict[str, Any]) -> list[str]:
+    path, problems = config.train.deepspeed, []
+    if zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        problems.append(
+            f"deepspeed: '{path}' is ZeRO-3 without stage3_gather_16bit_weights_on_model_save: "
+            "true; set it, so the final save is a model folder that chat, export and serve load"
+        )
+    if config.method.pissa_init:
+        problems.append(_pissa_sharded("ZeRO-3", "use a ZeRO-2 config or remove pissa_init"))
+    _fused_ops_off(config, "ZeRO-3")
+    return problems + _after_training_sharded(config, "ZeRO-3")
+
+
+def _fused_ops_off(config: CorralConfig, engine: str) -> None:
+    """Sharded weights are gathered only inside a module's own forward; the fused ops read
+    them directly, so the modules' forwards train instead."""
+    if config.train.fused_ops:
+        config.train.fused_ops = False
+        config.notes.append(
+            f"fused_ops: off under {engine} (its sharded weights are gathered only in each "
+            "module's own forward); training uses the modules' forwards"
+        )
 
 
 def _fill_defaults(config: CorralConfig) -> None:

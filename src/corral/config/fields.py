@@ -323,6 +323,22 @@ class TrainConfig:
     bf16: bool = opt(False, "Train in bfloat16 mixed precision (GPU).")
     fp16: bool = opt(False, "Train in float16 mixed precision (GPU).")
     dataloader_num_workers: int = opt(0, "Data-loading worker processes, per process.", ge=0)
+    deepspeed: str | None = opt(
+        None,
+        "DeepSpeed ZeRO: a DeepSpeed config JSON file (e.g. examples/deepspeed/"
+        'ds_z3_config.json; "auto" values are filled from corral\'s keys). Launch with torchrun '
+        "or `deepspeed`; ZeRO-3 saves gather a normal model folder or adapter.",
+    )
+    fsdp: str | None = opt(
+        None,
+        "PyTorch FSDP (GPUs only): the Trainer's options, space-separated, e.g. 'full_shard "
+        "auto_wrap' or 'full_shard offload auto_wrap'. Empty: off.",
+    )
+    fsdp_config: dict[str, Any] | str | None = opt(
+        None,
+        "FSDP settings: a JSON file or a mapping of the Trainer's fsdp_config keys (e.g. "
+        "transformer_layer_cls_to_wrap, version); needs fsdp.",
+    )
     resume_from_checkpoint: str | None = opt(
         None, "Resume: true (the latest checkpoint in output_dir) or a checkpoint folder."
     )

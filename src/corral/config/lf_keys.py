@@ -167,9 +167,6 @@ REFUSED_KEYS = {
     "reward_model_quantization_bit": _QLORA,
     "compute_dtype": "corral chooses the compute dtype from bf16/fp16",
     "device_map": "corral places the model on one device (device: cpu, cuda, cuda:N)",
-    "deepspeed": _DISTRIBUTED,
-    "fsdp": _DISTRIBUTED,
-    "fsdp_config": _DISTRIBUTED,
     "accelerator_config": _DISTRIBUTED,
     "parallelism_config": _DISTRIBUTED,
     # data

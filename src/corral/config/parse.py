@@ -211,6 +211,8 @@ def _convert(key: str, value: Any, f: dataclasses.Field, problems: list[str]) ->
 
 
 def _coerce(base: str, value: Any) -> Any:
+    if base == "dict[str,Any]|str":  # a mapping written in YAML, or a file holding one
+        return value if isinstance(value, dict) else _coerce("str", value)
     if base == "str":
         if isinstance(value, dict | list):
             raise TypeError
@@ -259,6 +261,7 @@ def _describe(base: str) -> str:
         "float": "a number",
         "list[str]": "a comma-separated list of names",
         "list[float]": "a comma-separated list of numbers",
+        "dict[str,Any]|str": "a mapping or a file path",
     }.get(base, base)
 
 

@@ -6,6 +6,7 @@ corral adds the label-only fused LM loss, real-token accounting and its callback
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from corral.config import CorralConfig
 from corral.model.load import pick_device
 from corral.train.loss import causal_lm_loss
+from corral.utils.deps import require
+from corral.utils.errors import CorralError
 
 
 @dataclass
@@ -99,7 +102,30 @@ def training_arguments(
         disable_tqdm=True,  # corral's own progress display replaces tqdm
         use_cpu=on_cpu,
         dataloader_pin_memory=not on_cpu,  # pinning needs an accelerator
+        **_sharding_arguments(config, on_cpu=on_cpu),
     )
+
+
+def _sharding_arguments(config: CorralConfig, *, on_cpu: bool) -> dict[str, Any]:
+    """DeepSpeed's config file, or FSDP's options, as the Trainer takes them."""
+    train = config.train
+    if train.deepspeed:
+        require("deepspeed")
+        if "WORLD_SIZE" not in os.environ:  # DeepSpeed would look for MPI instead
+            raise CorralError(
+                f"deepspeed: '{train.deepspeed}' needs a launcher, even for one process: "
+                "torchrun --nproc_per_node N -m corral train … (or corral train --nproc-per-node N)"
+            )
+        return {"deepspeed": train.deepspeed}
+    if not train.fsdp:
+        return {}
+    if on_cpu:
+        # FSDP2 would fall back to plain DDP without a word, FSDP1 fails to find a device
+        raise CorralError(
+            f"fsdp: '{train.fsdp}' needs GPUs: the Trainer's FSDP does not run on the CPU. "
+            "Remove fsdp (torchrun alone trains with DDP) or use deepspeed, which does"
+        )
+    return {"fsdp": train.fsdp, "fsdp_config": train.fsdp_config}
 
 
 def _checkpointing_arguments(enabled: bool) -> dict:
@@ -232,15 +258,18 @@ class CorralTrainer(Trainer):
             # can see padding: the padding mask changes nothing we train on. Without it sdpa
             # runs its causal kernel (no mask tensor per layer, grouped-query heads not copied).
             inputs.pop("attention_mask", None)
-        if hasattr(model, "get_decoder"):
+        # A DeepSpeed engine (and an FSDP2 model) still has get_decoder, but the forward must
+        # start at the top: it gathers the sharded weights (the LM head's too).
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        if hasattr(model, "get_decoder") and not sharded:
             inputs.pop("labels")
             # the Trainer's bf16/fp16 autocast wraps model.forward, which this path skips
             with self.accelerator.autocast():
                 hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
             loss = causal_lm_loss(hidden, labels, model.get_output_embeddings(), num_items_in_batch)
         else:
-            # Wrapped for distributed training (DDP/FSDP): the forward must go through the
-            # wrapper for gradient synchronisation, so use the model's own loss.
+            # Wrapped for distributed training (DDP/FSDP/DeepSpeed): the forward must go
+            # through the wrapper for gradient synchronisation, so use the model's own loss.
             loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         if model.training:
             self.meter.trained_tokens += int((labels[:, 1:] != -100).sum())

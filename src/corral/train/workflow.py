@@ -112,7 +112,9 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
         )
         raise KeyboardInterrupt
     result.metrics["preprocessing_seconds"] = round(preprocessing_seconds, 3)
-    if config.method.finetuning_type != "lora":  # saved in the dtype it was loaded in
+    # saved in the dtype it was loaded in (DeepSpeed and FSDP keep sharded weights in theirs)
+    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+    if config.method.finetuning_type != "lora" and not sharded:
         trainer.model.to(weights_dtype)
     metrics = _finish(config, trainer, result, meter, stage, model_config, template, data)
     if pissa_start is not None and is_main_process():  # the saved adapter is converted
