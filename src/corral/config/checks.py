@@ -288,8 +288,8 @@ def _check_grpo(config: CorralConfig) -> list[str]:
 
 def _check_resume(config: CorralConfig) -> list[str]:
     resume = config.train.resume_from_checkpoint
-    if resume is not None and resume.lower() in ("true", "false"):
-        config.train.resume_from_checkpoint = "true" if resume.lower() == "true" else None
+    if resume is not None and resume.lower() in ("true", "false", "auto"):
+        config.train.resume_from_checkpoint = None if resume.lower() == "false" else resume.lower()
     return []
 
 

@@ -340,7 +340,9 @@ class TrainConfig:
         "transformer_layer_cls_to_wrap, version); needs fsdp.",
     )
     resume_from_checkpoint: str | None = opt(
-        None, "Resume: true (the latest checkpoint in output_dir) or a checkpoint folder."
+        None,
+        "Resume: true (the latest checkpoint in output_dir), auto (resume if output_dir holds "
+        "a checkpoint, else start: rerun the same command after a crash), or a checkpoint folder.",
     )
     stop_check_samples: int = opt(
         8, "After sft, prompts generated greedily to measure the stop rate (0 disables).", ge=0

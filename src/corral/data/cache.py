@@ -14,6 +14,7 @@ chat template), the chat template, the seed, the dataset kind, corral's version 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,6 +29,7 @@ from corral.data.processors import DataStats
 from corral.data.readers import list_data_files
 from corral.data.registry import resolve_datasets
 from corral.data.templates import Template
+from corral.utils.disk import disk_full_error
 from corral.utils.paths import corral_home
 
 # Bump when processors, packing or the stored layout change what a key's files hold.
@@ -119,7 +121,9 @@ class _FileHashes:
 
     def save(self) -> None:
         if self.changed:
-            _write_atomically(self.path, json.dumps(self.known, indent=0))
+            # only a memo: when it cannot be written (a full disk), files are hashed again
+            with contextlib.suppress(OSError):
+                _write_atomically(self.path, json.dumps(self.known, indent=0))
 
 
 def cache_dir(key: str) -> Path:
@@ -155,10 +159,18 @@ def save_cached(
     folder = cache_dir(key)
     folder.parent.mkdir(parents=True, exist_ok=True)
     temp = folder.parent / f".tmp-{key[:16]}-{uuid.uuid4().hex}"
-    train.save_to_disk(str(temp / "train"))
-    if evaluation is not None:
-        evaluation.save_to_disk(str(temp / "eval"))
-    (temp / STATS_FILE).write_text(stats.to_json())
+    try:
+        train.save_to_disk(str(temp / "train"))
+        if evaluation is not None:
+            evaluation.save_to_disk(str(temp / "eval"))
+        (temp / STATS_FILE).write_text(stats.to_json())
+    except Exception as error:
+        advice = "or point CORRAL_HOME at a disk with room for the tokenised dataset"
+        full = disk_full_error(error, folder, "caching the tokenised dataset in", advice)
+        shutil.rmtree(temp, ignore_errors=True)
+        if full is not None:
+            raise full from error
+        raise
     old = None
     if folder.exists() and replace:
         old = folder.parent / f".old-{key[:16]}-{uuid.uuid4().hex}"
@@ -175,8 +187,11 @@ def save_cached(
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    temp.write_text(text)
-    os.replace(temp, path)
+    try:
+        temp.write_text(text)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)  # gone after the rename; a failed write's leftover
 
 
 def _sha256(data: bytes) -> str:

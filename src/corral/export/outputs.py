@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from corral.utils.disk import disk_full_error
 from corral.utils.errors import ExportError
 
 
@@ -46,6 +47,11 @@ def atomic_output(target: Path, *, overwrite: bool, folder: bool) -> Iterator[Pa
     try:
         yield tmp
         _replace(tmp, target)
+    except Exception as error:
+        full = disk_full_error(error, target, "writing", "nothing was replaced")
+        if full is not None:
+            raise ExportError(str(full)) from error
+        raise
     finally:
         _remove(tmp)  # gone already after a successful rename
 

@@ -86,6 +86,27 @@ class JsonlLogCallback(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
 
+def truncate_log(output_dir: str | Path, step: int) -> None:
+    """Keep only the log lines of steps up to `step`: a run resumed from the checkpoint of that
+    step logs the later ones again. A line cut short by a kill is dropped."""
+    path = Path(output_dir) / LOG_FILE
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    if kept:
+        temp = path.with_name(f".{LOG_FILE}.tmp")
+        temp.write_text("".join(kept), encoding="utf-8")
+        temp.replace(path)
+    else:
+        path.unlink()
+
+
 class InterruptCallback(TrainerCallback):
     """First Ctrl-C: finish the current step, save a checkpoint, stop. Second: abort."""
 

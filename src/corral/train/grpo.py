@@ -40,7 +40,7 @@ from corral.config import CorralConfig
 from corral.data.templates import Template, stop_token_ids
 from corral.train.rewards import load_reward
 from corral.train.stages import Stage
-from corral.train.trainer import TokenMeter
+from corral.train.trainer import TokenMeter, WholeCheckpoints
 from corral.utils.errors import ConfigError
 
 
@@ -138,7 +138,7 @@ def to_trl_dataset(dataset: Any, tokenizer: Any) -> Any:
 def _grpo_trainer_class() -> type:
     from trl import GRPOTrainer
 
-    class CorralGRPOTrainer(GRPOTrainer):
+    class CorralGRPOTrainer(WholeCheckpoints, GRPOTrainer):
         """GRPOTrainer that generates from corral's prompt tokens and counts real tokens.
 
         Args:

@@ -1,15 +1,18 @@
 """The one trainer every stage shares: Hugging Face's Trainer with corral's loss and meters.
 
 Optimizer, scheduler, sampler, checkpointing, resume and distributed launch are the Trainer's;
-corral adds the label-only fused LM loss, real-token accounting and its callbacks.
+corral adds the label-only fused LM loss, real-token accounting, its callbacks, and
+checkpoints that appear only when complete (written in a staging folder, then renamed).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +23,12 @@ from corral.config import CorralConfig
 from corral.model.load import pick_device
 from corral.train.loss import causal_lm_loss
 from corral.utils.deps import require
+from corral.utils.disk import disk_full_error
 from corral.utils.errors import CorralError
+
+# A checkpoint being written: `.tmp-checkpoint-N/checkpoint-N`, renamed to `checkpoint-N` when
+# complete. transformers' resume (`get_last_checkpoint`) never matches the staging name.
+STAGING_PREFIX = ".tmp-"
 
 
 @dataclass
@@ -172,7 +180,51 @@ class SeededLengthGroupedSampler(torch.utils.data.Sampler):
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
-class CorralTrainer(Trainer):
+class WholeCheckpoints:
+    """Trainer mixin: a `checkpoint-N` folder exists only once it is complete.
+
+    The Trainer writes checkpoint-N file by file in place: a kill or a full disk halfway leaves
+    a folder that resume would pick and then fail on. Writing it under a staging name and
+    renaming it when complete means every checkpoint-N folder is whole, for corral's resume and
+    for anyone else's `get_last_checkpoint`; a full disk is reported naming the folder.
+    """
+
+    def _save_checkpoint(self, model, trial):  # noqa: D102
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging, final = Path(run_dir) / f"{STAGING_PREFIX}{name}", Path(run_dir) / name
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
+        self.accelerator.wait_for_everyone()
+        self._staging = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)  # into staging/checkpoint-N
+        except Exception as error:
+            advice = (
+                f"the earlier checkpoints in '{run_dir}' are intact; rerun with "
+                "resume_from_checkpoint=true to continue from the last of them"
+            )
+            full = disk_full_error(error, final, "saving", advice)  # before freeing
+            shutil.rmtree(staging, ignore_errors=True)
+            if full is not None:
+                raise full from error
+            raise
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()  # every process has written its part
+        if self.args.should_save:
+            _sync(staging / name)  # on disk before the rename makes it the one to resume
+            _rename_into_place(staging / name, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, use_mtime=True)
+
+    def _get_output_dir(self, trial):  # noqa: D102
+        return getattr(self, "_staging", None) or super()._get_output_dir(trial)
+
+
+class CorralTrainer(WholeCheckpoints, Trainer):
     """`Trainer` whose loss runs the LM head only on labelled positions, or the stage's own.
 
     Args:
@@ -313,6 +365,44 @@ class CorralTrainer(Trainer):
         )
         real, trained = self.accelerator.reduce(local, reduction="sum").tolist()
         self.meter.all_ranks, self.meter.summed_at = (real, trained), time.perf_counter()
+
+
+def _sync(folder: Path) -> None:
+    """fsync every file under `folder`, so a power cut after the rename finds them written."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _rename_into_place(complete: Path, final: Path) -> None:
+    """Replace `final` (a checkpoint of a run resumed from before it) by `complete`."""
+    old = final.with_name(f"{STAGING_PREFIX}old-{final.name}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(complete, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def out_of_memory_message(config: CorralConfig, step: int) -> str:
+    """What to change when training ran out of (GPU or host) memory at `step`."""
+    train, data = config.train, config.data
+    knobs = [
+        f"lower per_device_train_batch_size (now {train.per_device_train_batch_size}) and "
+        "raise gradient_accumulation_steps to keep the same batch",
+        f"lower cutoff_len (now {data.cutoff_len})",
+    ]
+    if not train.gradient_checkpointing:
+        knobs.append("set gradient_checkpointing: true")
+    if config.method.finetuning_type != "lora":
+        knobs.append(
+            f"train LoRA (finetuning_type: lora) instead of {config.method.finetuning_type}"
+        )
+    return (
+        f"out of memory at step {step + 1}: " + "; ".join(knobs) + ". Checkpoints already in "
+        f"'{config.output.output_dir}' are whole: resume_from_checkpoint=true continues from "
+        "the last of them"
+    )
 
 
 def peak_memory() -> dict[str, float]:

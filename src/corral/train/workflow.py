@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import set_seed
 
 from corral.config import CorralConfig
@@ -31,9 +32,16 @@ from corral.train.callbacks import InterruptCallback, JsonlLogCallback, Progress
 from corral.train.outputs import CONFIG_FILE, prepare_output_dir, save_final
 from corral.train.plot import plot_loss
 from corral.train.stages import get_stage
-from corral.train.trainer import CorralTrainer, TokenMeter, peak_memory, training_arguments
+from corral.train.trainer import (
+    CorralTrainer,
+    TokenMeter,
+    out_of_memory_message,
+    peak_memory,
+    training_arguments,
+)
 from corral.utils.allocator import describe as describe_allocator
 from corral.utils.distributed import is_main_process, world_size
+from corral.utils.errors import CorralError
 from corral.utils.log import get_logger, quiet_libraries
 
 
@@ -104,7 +112,10 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
         pissa_start=pissa_start,
     )
     _remove_tqdm_callbacks(trainer)
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except (MemoryError, torch.OutOfMemoryError) as error:  # checkpoints saved are whole
+        raise CorralError(out_of_memory_message(config, trainer.state.global_step)) from error
     if interrupt.interrupted:
         log.warning(
             f"stopped at step {trainer.state.global_step}; checkpoint saved in "
