@@ -26,6 +26,7 @@ from corral.model.default import (
     default_model_target,
     dequantize_gguf,
 )
+from corral.model.quantize import quantization_kwargs
 from corral.model.reward import prepare_value_head, wants_value_head
 from corral.model.rope import recorded_rope, rope_overrides
 from corral.utils.errors import MissingDependencyError, ModelError
@@ -367,6 +368,12 @@ def load_model(
             f"rope_scaling: '{source.name}' is a GGUF file; train with RoPE scaling from the "
             "Hugging Face model folder it was made from"
         )
+    quantized = quantization_kwargs(config, device, dtype)
+    if quantized and source.kind == "gguf":
+        raise ModelError(
+            f"quantization_bit: '{source.name}' is a GGUF file; load the Hugging Face model "
+            "folder it was made from to quantise it with bitsandbytes"
+        )
     if source.kind == "gguf":
         model, tokenizer = dequantize_gguf(
             Path(source.path), dtype=dtype, attn_implementation=attention
@@ -381,13 +388,15 @@ def load_model(
             attn_implementation=attention,
             **({"num_labels": 1} if value_head else {}),
             **(_rope_for(config, source, adapters, context_len) or {}),
+            **quantized,
         )
         tokenizer = None
     # as loaded, before saving rewrites it: a causal LM folder gets a new score head
     new_head = not any(
         a.endswith("ForSequenceClassification") for a in model.config.architectures or []
     )
-    model.to(device)
+    if not quantized:  # quantised weights are placed on the device while loading
+        model.to(device)
     saved = _adapter_tokenizer_dir(adapters)
     if saved is not None:
         tokenizer = _from_pretrained("AutoTokenizer", saved, config.trust_remote_code)
@@ -395,9 +404,22 @@ def load_model(
         tokenizer = load_tokenizer(source)
     if value_head:
         prepare_value_head(model, tokenizer, new_head=new_head)
-    if not for_training:
+    if not for_training and quantized:
+        model = _attach_unmerged(model, adapters, source)
+    elif not for_training:
         model = merge_adapters(model, adapters, source)
     return model.eval(), tokenizer
+
+
+def _attach_unmerged(model: Any, adapters: list[str], source: ModelSource) -> Any:
+    """A quantised base keeps its adapter beside it: merging would round the adapter's update
+    into 4/8-bit weights. One adapter only (a chain would have to be merged)."""
+    if len(adapters) > 1:
+        raise ModelError(
+            f"quantization_bit: a quantised base takes one adapter, not {len(adapters)} "
+            f"({', '.join(adapters)}); export them merged (corral export) and load that"
+        )
+    return attach_adapter(model, adapters[0], source) if adapters else model
 
 
 def _rope_for(
