@@ -103,11 +103,14 @@ def test_qlora_trains_and_exports_into_the_full_precision_base(learnable_dir, tm
     merged = _logits(ModelConfig(model_name_or_path=str(exported), device="cpu"))
     # chat and serve load the full-precision base with the adapter merged: the export's model
     full_plus_adapter = _logits(ModelConfig(adapter_name_or_path=[str(out)], device="cpu"))
+    requantized = _logits(ModelConfig(**{**vars(quantized), "model_name_or_path": str(exported)}))
     quantization_error = float((quantized_base - base).abs().max())
     print(
         f"{bits}-bit: |quantised - full base| {quantization_error:.4f}, "
         f"|as trained - export| {float((as_trained - merged).abs().max()):.4f}, "
-        f"|export - base| {float((merged - base).abs().max()):.4f}"
+        f"|quantised export - export| {float((requantized - merged).abs().max()):.4f}, "
+        f"|export - base| {float((merged - base).abs().max()):.4f}, "
+        f"max|export| {float(merged.abs().max()):.4f} max|base| {float(base.abs().max()):.4f}"
     )
     assert torch.allclose(full_plus_adapter, merged, atol=1e-4)
     assert float((merged - base).abs().max()) > 10 * quantization_error  # the adapter trained
