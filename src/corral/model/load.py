@@ -2,8 +2,9 @@
 
 `model_name_or_path` may be 'default' (SmolLM2-135M-Instruct, converted once), a local Hugging
 Face folder, a .gguf file (de-quantized to a normal model) or a hub id. Adapter folders load on
-top; for inference they are merged into the weights so generation runs at base-model speed. An
-adapter folder alone brings its recorded base model and template:
+top; for inference they are merged into the weights so generation runs at base-model speed
+(with `quantization_bit` the base loads 4/8-bit and one adapter stays unmerged beside it: see
+`corral.model.quantize`). An adapter folder alone brings its recorded base model and template:
 
     from corral.config.fields import ModelConfig
     model, tokenizer = load_model(ModelConfig(adapter_name_or_path=["saves/sft"]))
@@ -362,7 +363,10 @@ def load_model(
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
     attention = pick_attention(config.flash_attn, device)
-    get_logger().info(f"loading {source.name} on {device} ({str(dtype).removeprefix('torch.')})")
+    bits = f", {config.quantization_bit}-bit base" if config.quantization_bit else ""
+    get_logger().info(
+        f"loading {source.name} on {device} ({str(dtype).removeprefix('torch.')}{bits})"
+    )
     if source.kind == "gguf" and config.rope_scaling is not None and context_len is not None:
         raise ModelError(
             f"rope_scaling: '{source.name}' is a GGUF file; train with RoPE scaling from the "
