@@ -225,7 +225,7 @@ def test_replace_revalidates():
 @pytest.mark.parametrize(
     ("override", "named"),
     [
-        ("quantization_bit=4", "QLoRA"),
+        ("ref_model_quantization_bit=4", "quantised reference"),
         ("new_special_tokens=<a>,<b>", "adding tokens"),
         ("use_galore=true", "AdamW"),
         ("galore_rank=16", "AdamW"),
@@ -251,7 +251,7 @@ def test_refused_keys_at_their_off_value_change_nothing_and_pass():
     config = load_config(
         None,
         [
-            "quantization_bit=",  # null in YAML
+            "ref_model_quantization_bit=",  # null in YAML
             "use_unsloth=false",
             "num_beams=1",
             "adam_beta1=0.9",
@@ -260,7 +260,7 @@ def test_refused_keys_at_their_off_value_change_nothing_and_pass():
     )
     assert config.notes == [
         "ignoring keys that do not change what corral trains or writes: adam_beta1, "
-        "infer_backend, num_beams, quantization_bit, use_unsloth"
+        "infer_backend, num_beams, ref_model_quantization_bit, use_unsloth"
     ]
 
 

@@ -33,6 +33,7 @@ def check_config(config: CorralConfig) -> None:
         _check_precision,
         _check_data,
         _check_method,
+        _check_quantization,
         _check_pissa,
         _note_other_stage_keys,
         _check_preference,
@@ -104,6 +105,30 @@ def _check_method(config: CorralConfig) -> list[str]:
         problems.append(
             "additional_target needs finetuning_type: lora (full trains every module; with "
             "freeze, name extra modules in freeze_extra_modules)"
+        )
+    return problems
+
+
+def _check_quantization(config: CorralConfig) -> list[str]:
+    bits, method = config.model.quantization_bit, config.method
+    if bits is None:
+        return []
+    problems = []
+    if bits not in (4, 8):
+        problems.append(
+            f"quantization_bit: {bits} is not supported; bitsandbytes quantises to 4 or 8 "
+            "(leave it empty for a full-precision base)"
+        )
+    if method.finetuning_type != "lora":
+        problems.append(
+            f"quantization_bit: {bits} needs finetuning_type: lora, not "
+            f"{method.finetuning_type}: quantised weights cannot be trained, so QLoRA trains "
+            "LoRA adapters on the frozen quantised base"
+        )
+    if method.pissa_init:
+        problems.append(
+            "pissa_init with quantization_bit: PiSSA's start is taken from the full-precision "
+            "weights, which a quantised base no longer holds; use one or the other"
         )
     return problems
 

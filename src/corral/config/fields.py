@@ -40,6 +40,7 @@ PREFERENCE_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 # How chat templates write tools (LLaMA-Factory's tool_format names); corral.data.templates.tools
 # renders and parses them.
 TOOL_FORMATS = ("default", "llama3", "mistral", "qwen")
+QUANTIZATION_METHODS = ("bitsandbytes", "bnb")  # bnb: LLaMA-Factory's name for bitsandbytes
 ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")  # corral.model.rope applies them
 # Losses that compare the policy with itself only: no reference model is loaded for them.
 REFERENCE_FREE_LOSSES = ("orpo", "simpo")
@@ -101,6 +102,22 @@ class ModelConfig:
         "(factor ceil(cutoff_len / max_position_embeddings), as LLaMA-Factory sets it); a "
         "trained folder records it and is loaded with it. Empty: none.",
         choices=ROPE_SCALINGS,
+    )
+    quantization_bit: int | None = opt(
+        None,
+        "QLoRA: load the base model quantised to 4 or 8 bits (bitsandbytes) and train LoRA on "
+        "top (finetuning_type lora only). Empty: full precision.",
+    )
+    quantization_method: str = opt(
+        "bitsandbytes",
+        "Quantisation library for quantization_bit (LLaMA-Factory's 'bnb' is the same).",
+        choices=QUANTIZATION_METHODS,
+    )
+    quantization_type: str = opt(
+        "nf4", "4-bit data type: nf4 (normal float, QLoRA's) or fp4.", choices=("nf4", "fp4")
+    )
+    double_quantization: bool = opt(
+        True, "4-bit: quantise the quantisation constants too (about 0.4 bits per weight less)."
     )
 
 

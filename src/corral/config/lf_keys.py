@@ -125,7 +125,10 @@ HARMLESS_KEYS = frozenset(
 )
 HARMLESS_PREFIXES = ("swanlab_", "trackio_", "image_", "video_", "audio_", "ray_")
 
-_QLORA = "4/8-bit quantised training (QLoRA) is not built yet (issue 'Scale out')"
+_QLORA = (
+    "only the trained model is quantised (quantization_bit); a quantised reference or reward "
+    "model is not built"
+)
 _DISTRIBUTED = (
     "multi-process and sharded training are not built yet (issue 'Scale out'); corral "
     "trains in one process"
@@ -158,11 +161,7 @@ REFUSED_KEYS = {
     "add_special_tokens": _VOCAB,
     "new_special_tokens": _VOCAB,
     # quantisation and distributed training
-    "quantization_method": _QLORA,
-    "quantization_bit": _QLORA,
-    "quantization_type": _QLORA,
-    "double_quantization": _QLORA,
-    "quantization_device_map": _QLORA,
+    "quantization_device_map": "corral places the quantised model on one device (device)",
     "ref_model_quantization_bit": _QLORA,
     "reward_model_quantization_bit": _QLORA,
     "compute_dtype": "corral chooses the compute dtype from bf16/fp16",
@@ -231,9 +230,6 @@ _DEFAULTS = {
     "eval_num_beams": None,
     "length_penalty": 1.0,
     "export_legacy_format": False,
-    "quantization_method": "bnb",
-    "quantization_type": "nf4",
-    "double_quantization": True,
     "quantization_device_map": None,
     "train_sampling_strategy": "random",
     "data_seed": None,

@@ -3,7 +3,8 @@
 Each adapter is attached unmerged, its logits on a few prompts are taken, then it is merged
 and the logits are taken again: they must agree to `MERGE_TOLERANCE`, else the export stops.
 The merge and the check run in float64 (twice the fp32 memory while merging), and the merged
-weights are then rounded to fp32. The template the model was trained with comes along, for the tokenizer and the GGUF.
+weights are then rounded to fp32. A QLoRA adapter merges the same way, into the full-precision
+base (not the quantised one it was trained on). The template the model was trained with comes along, for the tokenizer and the GGUF.
 
     merged = load_merged(ModelConfig(adapter_name_or_path=["saves/sft"]))
     merged.model, merged.tokenizer, merged.template.name     # ..., ..., 'chatml'
@@ -27,6 +28,8 @@ from corral.model.load import (
     resolve_base_for_adapters,
     resolve_model,
 )
+from corral.model.quantize import RUN_INFO_KEY as QUANTIZATION_KEY
+from corral.model.quantize import describe
 from corral.model.reward import wants_value_head
 from corral.utils.errors import CorralError, ExportError
 from corral.utils.log import get_logger
@@ -82,6 +85,11 @@ def load_merged(model_config: ModelConfig) -> MergedModel:
         ModelError: a model or adapter cannot be found, or an adapter does not fit the base.
         ExportError: merging changed the logits by more than `MERGE_TOLERANCE`.
     """
+    if model_config.quantization_bit is not None:
+        raise ExportError(
+            f"quantization_bit: {model_config.quantization_bit}: export merges adapters into the "
+            "full-precision base (a QLoRA adapter too); remove quantization_bit"
+        )
     config = resolve_base_for_adapters(replace(model_config, dtype="float32"))
     adapters = list(config.adapter_name_or_path or [])
     check_adapter_folders(adapters)
@@ -102,6 +110,7 @@ def load_merged(model_config: ModelConfig) -> MergedModel:
         # ~25) by ~1e-4, which would hide a small merge error or fail a correct merge.
         model = model.double()
     for adapter in adapters:
+        _note_quantized_base(adapter)
         attached = attach_adapter(model, adapter, source)
         expected = _logits(attached, probes)
         model = attached.merge_and_unload()
@@ -119,6 +128,15 @@ def load_merged(model_config: ModelConfig) -> MergedModel:
         [i for i in infos if i],
         worst,
     )
+
+
+def _note_quantized_base(adapter: str) -> None:
+    record = (find_run_info(adapter) or {}).get(QUANTIZATION_KEY)
+    if record:
+        get_logger().info(
+            f"adapter {adapter} was trained on a {describe(record)} quantised base (QLoRA): "
+            "merging it into the full-precision base"
+        )
 
 
 def _template(name: str | None, tokenizer: Any) -> Template | None:

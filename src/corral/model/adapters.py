@@ -1,6 +1,10 @@
 """What gets trained: full, freeze or LoRA (DoRA / rsLoRA), chosen in one function.
 
-QLoRA will be LoRA on a quantised base (a quantisation config at load time), not a new path.
+QLoRA is LoRA on a quantised base (`quantization_bit`, applied when loading: see
+`corral.model.quantize`), not a new path. peft wraps bitsandbytes' 4/8-bit linears in its own
+LoRA layers; the adapters get fp32 master weights like any trainable weight, and the frozen
+unquantised parts (norms, embeddings, LM head) stay in the loaded dtype, as autocast expects
+(peft's `prepare_model_for_kbit_training` would make them fp32 too, for no gain here).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from typing import Any
 
 from corral.config.fields import MethodConfig
 from corral.model.load import merge_adapters
+from corral.model.quantize import is_quantized
 from corral.model.reward import SCORE_HEAD, has_value_head, reward_folder_problem
 from corral.utils.errors import ConfigError, ModelError
 from corral.utils.log import get_logger
@@ -31,6 +36,12 @@ def apply_method(model: Any, method: MethodConfig, adapters: list[str] | None = 
     value_head = has_value_head(model)
     if adapters:
         merged, resumed = adapters_to_merge(method, adapters, value_head=value_head)
+        if merged and is_quantized(model):
+            raise ModelError(
+                f"quantization_bit: cannot merge {', '.join(merged)} into a quantised base "
+                "(the update would be rounded away); export the base with them merged "
+                "(corral export) and train on that"
+            )
         model = merge_adapters(model, merged)
         adapters = [resumed] if resumed else None
     if method.finetuning_type == "lora":

@@ -2,8 +2,9 @@
 
 `model_name_or_path` may be 'default' (SmolLM2-135M-Instruct, converted once), a local Hugging
 Face folder, a .gguf file (de-quantized to a normal model) or a hub id. Adapter folders load on
-top; for inference they are merged into the weights so generation runs at base-model speed. An
-adapter folder alone brings its recorded base model and template:
+top; for inference they are merged into the weights so generation runs at base-model speed
+(with `quantization_bit` the base loads 4/8-bit and one adapter stays unmerged beside it: see
+`corral.model.quantize`). An adapter folder alone brings its recorded base model and template:
 
     from corral.config.fields import ModelConfig
     model, tokenizer = load_model(ModelConfig(adapter_name_or_path=["saves/sft"]))
@@ -26,6 +27,7 @@ from corral.model.default import (
     default_model_target,
     dequantize_gguf,
 )
+from corral.model.quantize import quantization_kwargs
 from corral.model.reward import prepare_value_head, wants_value_head
 from corral.model.rope import recorded_rope, rope_overrides
 from corral.utils.errors import MissingDependencyError, ModelError
@@ -361,11 +363,20 @@ def load_model(
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
     attention = pick_attention(config.flash_attn, device)
-    get_logger().info(f"loading {source.name} on {device} ({str(dtype).removeprefix('torch.')})")
+    bits = f", {config.quantization_bit}-bit base" if config.quantization_bit else ""
+    get_logger().info(
+        f"loading {source.name} on {device} ({str(dtype).removeprefix('torch.')}{bits})"
+    )
     if source.kind == "gguf" and config.rope_scaling is not None and context_len is not None:
         raise ModelError(
             f"rope_scaling: '{source.name}' is a GGUF file; train with RoPE scaling from the "
             "Hugging Face model folder it was made from"
+        )
+    quantized = quantization_kwargs(config, device, dtype)
+    if quantized and source.kind == "gguf":
+        raise ModelError(
+            f"quantization_bit: '{source.name}' is a GGUF file; load the Hugging Face model "
+            "folder it was made from to quantise it with bitsandbytes"
         )
     if source.kind == "gguf":
         model, tokenizer = dequantize_gguf(
@@ -381,13 +392,15 @@ def load_model(
             attn_implementation=attention,
             **({"num_labels": 1} if value_head else {}),
             **(_rope_for(config, source, adapters, context_len) or {}),
+            **quantized,
         )
         tokenizer = None
     # as loaded, before saving rewrites it: a causal LM folder gets a new score head
     new_head = not any(
         a.endswith("ForSequenceClassification") for a in model.config.architectures or []
     )
-    model.to(device)
+    if not quantized:  # quantised weights are placed on the device while loading
+        model.to(device)
     saved = _adapter_tokenizer_dir(adapters)
     if saved is not None:
         tokenizer = _from_pretrained("AutoTokenizer", saved, config.trust_remote_code)
@@ -395,9 +408,22 @@ def load_model(
         tokenizer = load_tokenizer(source)
     if value_head:
         prepare_value_head(model, tokenizer, new_head=new_head)
-    if not for_training:
+    if not for_training and quantized:
+        model = _attach_unmerged(model, adapters, source)
+    elif not for_training:
         model = merge_adapters(model, adapters, source)
     return model.eval(), tokenizer
+
+
+def _attach_unmerged(model: Any, adapters: list[str], source: ModelSource) -> Any:
+    """A quantised base keeps its adapter beside it: merging would round the adapter's update
+    into 4/8-bit weights. One adapter only (a chain would have to be merged)."""
+    if len(adapters) > 1:
+        raise ModelError(
+            f"quantization_bit: a quantised base takes one adapter, not {len(adapters)} "
+            f"({', '.join(adapters)}); export them merged (corral export) and load that"
+        )
+    return attach_adapter(model, adapters[0], source) if adapters else model
 
 
 def _rope_for(

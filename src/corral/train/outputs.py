@@ -9,6 +9,8 @@ from typing import Any
 
 from corral.config import CorralConfig
 from corral.model.artifacts import BASE_ADAPTERS, write_run_info
+from corral.model.quantize import RUN_INFO_KEY as QUANT_KEY
+from corral.model.quantize import quantization_record
 from corral.model.rope import RUN_INFO_KEY as ROPE_KEY
 from corral.model.rope import rope_record
 from corral.train.callbacks import LOG_FILE, truncate_log
@@ -121,7 +123,8 @@ def save_final(
 
     `base_adapters`: adapters merged into the base before a LoRA adapter was trained on it,
     recorded so that loading the adapter loads them first (`with_base_adapters`).
-    Scaled RoPE settings are recorded too, so an adapter's base is loaded with them again.
+    Scaled RoPE settings are recorded too, so an adapter's base is loaded with them again, and
+    a quantised (QLoRA) base's quantisation, so export can say what it merges into.
     """
     out = config.output.output_dir
     # every process: under sharded engines saving gathers the weights; rank 0 writes them
@@ -141,6 +144,7 @@ def save_final(
             **({"default_system": default_system} if default_system is not None else {}),
             **({BASE_ADAPTERS: base_adapters} if base_adapters else {}),
             **({ROPE_KEY: rope} if (rope := rope_record(trainer.model.config)) else {}),
+            **({QUANT_KEY: q} if (q := quantization_record(config.model)) else {}),
         }
         or None,
     )

@@ -46,6 +46,7 @@ from corral.config import CorralConfig
 from corral.data.processors import IGNORE_INDEX, split_prompt
 from corral.infer.batching import GREEDY_BELOW
 from corral.infer.engine import ChatEngine
+from corral.model.checkpointing import enable_checkpointing
 from corral.train.loss import token_logps
 from corral.train.ppo_math import (
     AdaptiveKL,
@@ -133,10 +134,8 @@ class PPOTrainer(CorralTrainer):
         if max_steps <= 0:
             max_steps = math.ceil(self.args.num_train_epochs * max(len(loader) // per_step, 1))
         self._start(max_steps)
-        if self.args.gradient_checkpointing:  # the Trainer's train() would have turned it on
-            self.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+        if self.config.train.gradient_checkpointing:  # as the Trainer's train() would
+            enable_checkpointing(self.model)
         prompts = _cycle(loader, self.state, len(loader))
         started, losses = time.time(), []
         self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from corral.config import CorralConfig
+from corral.model.checkpointing import is_checkpointing
 from corral.train.loss import label_logps
 
 
@@ -71,7 +72,7 @@ def pair_logps(model: Any, batch: dict[str, Any], *, average: bool) -> PairLogps
     synchronisation, and gradient checkpointing turns the KV cache off: both run the padded
     batch through `sequence_logps` instead. The numbers agree to float rounding.
     """
-    if not hasattr(model, "get_decoder") or getattr(model, "is_gradient_checkpointing", False):
+    if not hasattr(model, "get_decoder") or is_checkpointing(model):
         logps, counts = sequence_logps(model, batch["input_ids"], batch["labels"])
         pairs = _split_pairs(logps, counts)
     else:

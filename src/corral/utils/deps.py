@@ -17,7 +17,7 @@ OPTIONAL = {
     "fastapi": ("corral[serve]", "corral serve (the HTTP API)"),
     "uvicorn": ("corral[serve]", "corral serve (the HTTP API)"),
     "vllm": ("vllm", "the vLLM backend (GPU only)"),
-    "bitsandbytes": ("bitsandbytes", "QLoRA (4/8-bit quantised training, GPU only)"),
+    "bitsandbytes": ("corral[qlora]", "QLoRA (quantization_bit: 4/8-bit quantised base models)"),
     "deepspeed": ("deepspeed", "DeepSpeed multi-GPU training"),
     "gradio": ("gradio", "the web UI"),
     "tiktoken": ("corral[meta]", "converting Llama 3's tokenizer (corral convert meta)"),

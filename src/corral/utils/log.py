@@ -31,6 +31,11 @@ def quiet_libraries() -> None:
     # peft still reads transformers' deprecated alias; the warning is about peft, not the user.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # bitsandbytes (imported by peft too): on CPUs with AVX512-BF16 it looks for an optional Hub
+    # kernel package and falls back to its own kernels; its 8-bit matmul says on every forward
+    # that it computes in float16 (the README says so once).
+    for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import transformers
 
