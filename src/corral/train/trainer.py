@@ -17,6 +17,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 
 from corral.config import CorralConfig
 from corral.model.load import pick_device
+from corral.model.prompt_learning import decoder_runs_alone
 from corral.train.loss import causal_lm_loss
 
 
@@ -214,7 +215,7 @@ class CorralTrainer(Trainer):
             # can see padding: the padding mask changes nothing we train on. Without it sdpa
             # runs its causal kernel (no mask tensor per layer, grouped-query heads not copied).
             inputs.pop("attention_mask", None)
-        if hasattr(model, "get_decoder"):
+        if decoder_runs_alone(model):
             inputs.pop("labels")
             # the Trainer's bf16/fp16 autocast wraps model.forward, which this path skips
             with self.accelerator.autocast():

@@ -17,6 +17,7 @@ from typing import Any
 from transformers import set_seed
 
 from corral.config import CorralConfig
+from corral.config.fields import ADAPTER_METHODS
 from corral.data.collator import Collator
 from corral.data.dataset import build_dataset
 from corral.data.processors import format_summary
@@ -105,7 +106,7 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
         )
         raise KeyboardInterrupt
     result.metrics["preprocessing_seconds"] = round(preprocessing_seconds, 3)
-    if config.method.finetuning_type != "lora":  # saved in the dtype it was loaded in
+    if config.method.finetuning_type not in ADAPTER_METHODS:  # saved in the dtype it was loaded in
         trainer.model.to(weights_dtype)
     metrics = _finish(config, trainer, result, meter, stage, model_config, template, data)
     if pissa_start is not None:  # the saved adapter is converted; the start is not an output
@@ -202,9 +203,9 @@ def _finish(config, trainer, result, meter, stage, model_config, template, data)
 
 
 def _merged_adapters(config: CorralConfig, adapters: list[str], stage: Any) -> list[str]:
-    """The adapters `apply_method` merged into the base under a trained LoRA adapter (a full or
+    """The adapters `apply_method` merged into the base under a trained adapter (a full or
     freeze model holds them in its weights)."""
-    if config.method.finetuning_type != "lora" or not adapters:
+    if config.method.finetuning_type not in ADAPTER_METHODS or not adapters:
         return []
     merged, _ = adapters_to_merge(config.method, adapters, value_head=stage.needs_value_head)
     return [str(Path(a).expanduser().resolve()) for a in merged]
