@@ -126,6 +126,25 @@ def tiny_llama(tiny_llama_dir):
 
 
 @pytest.fixture(scope="session")
+def learnable_tiny_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The tiny model with a 20x larger output head.
+
+    With the default 0.02 init, the frozen random head caps the logits near 1, so methods that
+    keep it frozen (LoRA, freeze) cannot lower the loss much however well they train.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    path = tmp_path_factory.mktemp("learnable-tiny")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def spm_tokenizer_model() -> Path:
     """Llama 2's SentencePiece `tokenizer.model` (shipped in tests/data)."""
     return LLAMA2_TOKENIZER / "tokenizer.model"

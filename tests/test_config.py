@@ -113,7 +113,7 @@ def test_unknown_key_far_from_anything_has_no_suggestion():
         ("lora_rank=2.5", "lora_rank: expected an integer, got 2.5"),
         (
             "finetuning_type=lorra",
-            "finetuning_type: 'lorra' is not one of: full, freeze, lora (did you mean 'lora'?)",
+            "finetuning_type: 'lorra' is not one of: full, freeze, lora, prefix, prompt (did you mean 'lora'?)",
         ),
         ("lr_scheduler_type=cosin", "'cosin' is not one of"),
         ("dataset=", None),

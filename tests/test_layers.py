@@ -19,6 +19,7 @@ LAYERS = {
     "train": 5,
     "eval": 5,
     "export": 5,
+    "vocab": 5,
     "chat": 5,
     "infer": 4,
     "data": 3,

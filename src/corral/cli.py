@@ -41,6 +41,10 @@ COMMANDS = {
         "corral.serve.command",
         "Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming).",
     ),
+    "vocab": (
+        "corral.vocab.command",
+        "Extend a tokenizer's vocabulary from a corpus (and the model's embeddings with it).",
+    ),
     "version": (
         "corral.utils.versions",
         "Print corral's and its libraries' versions and the device.",

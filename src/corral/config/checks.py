@@ -35,6 +35,7 @@ def check_config(config: CorralConfig) -> None:
         _check_method,
         _check_quantization,
         _check_pissa,
+        _check_prompt_learning,
         _note_other_stage_keys,
         _check_preference,
         _check_packing_and_eval,
@@ -130,6 +131,33 @@ def _check_quantization(config: CorralConfig) -> list[str]:
             "pissa_init with quantization_bit: PiSSA's start is taken from the full-precision "
             "weights, which a quantised base no longer holds; use one or the other"
         )
+
+
+# Virtual tokens are trained where a plain causal-LM forward is the loss. dpo/kto's reference
+# and rm/ppo/grpo's value head would need their own handling of peft's prompt-learning forward.
+PROMPT_LEARNING_STAGES = ("pt", "sft")
+
+
+def _check_prompt_learning(config: CorralConfig) -> list[str]:
+    method = config.method
+    kind = method.finetuning_type
+    if kind not in ("prefix", "prompt"):
+        return (
+            ["prefix_projection needs finetuning_type: prefix"] if method.prefix_projection else []
+        )
+    problems = []
+    if method.stage not in PROMPT_LEARNING_STAGES:
+        problems.append(
+            f"finetuning_type: {kind} is available for stages "
+            f"{', '.join(PROMPT_LEARNING_STAGES)}, not {method.stage}; use lora"
+        )
+    if config.data.packing:
+        problems.append(
+            f"packing: true with finetuning_type: {kind}: peft's virtual tokens ignore "
+            "position_ids, so packed sequences would attend to each other; set packing: false"
+        )
+    if kind == "prompt" and method.prefix_projection:
+        problems.append("prefix_projection needs finetuning_type: prefix (prompt has no MLP)")
     return problems
 
 
@@ -551,7 +579,11 @@ def _fused_ops_off(config: CorralConfig, engine: str) -> None:
 
 def _fill_defaults(config: CorralConfig) -> None:
     if config.data.packing is None:
-        config.data.packing = _PACKING_BY_STAGE.get(config.method.stage, False)
+        # virtual tokens cannot be packed (see _check_prompt_learning)
+        prompt_learning = config.method.finetuning_type in ("prefix", "prompt")
+        config.data.packing = not prompt_learning and _PACKING_BY_STAGE.get(
+            config.method.stage, False
+        )
     if config.method.lora_alpha is None:
         config.method.lora_alpha = float(2 * config.method.lora_rank)
     if config.output.output_dir is None:

@@ -162,6 +162,10 @@ class DataConfig:
     )
 
 
+# finetuning_type values whose output is a peft adapter on the unchanged base model
+ADAPTER_METHODS = ("lora", "prefix", "prompt")
+
+
 @dataclass
 class MethodConfig:
     stage: str = opt(
@@ -173,8 +177,9 @@ class MethodConfig:
     )
     finetuning_type: str = opt(
         "lora",
-        "What is trained: full, freeze (last layers) or lora.",
-        choices=("full", "freeze", "lora"),
+        "What is trained: full, freeze (last layers), lora, prefix (prefix tuning; with "
+        "prefix_projection: P-Tuning v2) or prompt (prompt tuning).",
+        choices=("full", "freeze", "lora", "prefix", "prompt"),
     )
     freeze_trainable_layers: int = opt(
         2, "freeze: number of last (positive) or first (negative) decoder blocks to train."
@@ -196,6 +201,17 @@ class MethodConfig:
     )
     additional_target: list[str] | None = opt(
         None, "Modules trained in full next to LoRA (e.g. embed_tokens,lm_head when adding tokens)."
+    )
+    num_virtual_tokens: int = opt(
+        16, "prefix, prompt: number of learned virtual tokens put before every sequence.", ge=1
+    )
+    prefix_projection: bool = opt(
+        False,
+        "prefix: learn the prefix through a two-layer MLP (P-Tuning v2, as ChatGLM-6B did) "
+        "instead of directly; more parameters while training, the same prefix afterwards.",
+    )
+    prefix_hidden_size: int | None = opt(
+        None, "prefix with prefix_projection: the MLP's hidden size (empty: the model's).", ge=1
     )
     create_new_adapter: bool = opt(
         False,

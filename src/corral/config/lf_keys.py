@@ -133,7 +133,10 @@ _DISTRIBUTED = (
     "multi-process and sharded training are not built yet (issue 'Scale out'); corral "
     "trains in one process"
 )
-_VOCAB = "adding tokens to the vocabulary is not built yet (issue 'Teach a model a new language')"
+_VOCAB = (
+    "adding a list of tokens is not built yet; to learn new tokens from a corpus (with their "
+    "embeddings initialised), run corral vocab extend and train the folder it writes"
+)
 _OPTIMIZER = "corral trains with AdamW (or `optim`) and its own settings"
 _GENERATION = "corral decodes greedily or by sampling (temperature, top_p, top_k)"
 

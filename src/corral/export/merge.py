@@ -27,7 +27,9 @@ from corral.model.load import (
     load_tokenizer,
     resolve_base_for_adapters,
     resolve_model,
+    unmergeable_prompt_adapter,
 )
+from corral.model.prompt_learning import is_prompt_adapter
 from corral.model.quantize import RUN_INFO_KEY as QUANTIZATION_KEY
 from corral.model.quantize import describe
 from corral.model.reward import wants_value_head
@@ -93,6 +95,8 @@ def load_merged(model_config: ModelConfig) -> MergedModel:
     config = resolve_base_for_adapters(replace(model_config, dtype="float32"))
     adapters = list(config.adapter_name_or_path or [])
     check_adapter_folders(adapters)
+    for adapter in filter(is_prompt_adapter, adapters):
+        raise ExportError(f"corral export: {unmergeable_prompt_adapter(adapter)}")
     source = resolve_model(config.model_name_or_path)
     # a reward model's base gets its score head before the (rm) adapter is attached
     model, tokenizer = load_model(

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from corral.model.prompt_learning import decoder_runs_alone
 from corral.utils.errors import CorralError
 
 IGNORE_INDEX = -100
@@ -118,9 +119,13 @@ def _batch_nll(model: Any, batch: list[tuple[list[int], list[int]]], pad_id: int
         [lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in batch], device=device
     )
     with torch.inference_mode():
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         targets = labels[:, 1:]
         scored = targets != IGNORE_INDEX
-        logits = model.get_output_embeddings()(hidden[:, :-1][scored]).float()
+        if decoder_runs_alone(model):
+            hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = model.get_output_embeddings()(hidden[:, :-1][scored]).float()
+        else:  # virtual tokens: peft's forward; prompt tuning's come first, so keep the last
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -width:]
+            logits = logits[:, :-1][scored].float()
         nll = torch.nn.functional.cross_entropy(logits, targets[scored], reduction="sum")
     return float(nll), int(scored.sum())

@@ -1,4 +1,5 @@
-"""What gets trained: full, freeze or LoRA (DoRA / rsLoRA), chosen in one function.
+"""What gets trained: full, freeze, LoRA (DoRA / rsLoRA) or virtual tokens (prefix / prompt
+tuning, `corral.model.prompt_learning`), chosen in one function.
 
 QLoRA is LoRA on a quantised base (`quantization_bit`, applied when loading: see
 `corral.model.quantize`), not a new path. peft wraps bitsandbytes' 4/8-bit linears in its own
@@ -13,6 +14,12 @@ from typing import Any
 
 from corral.config.fields import MethodConfig
 from corral.model.load import merge_adapters
+from corral.model.prompt_learning import (
+    PROMPT_METHODS,
+    adapter_peft_type,
+    attach_prompt_learning,
+    is_prompt_adapter,
+)
 from corral.model.quantize import is_quantized
 from corral.model.reward import SCORE_HEAD, has_value_head, reward_folder_problem
 from corral.utils.errors import ConfigError, ModelError
@@ -46,6 +53,8 @@ def apply_method(model: Any, method: MethodConfig, adapters: list[str] | None = 
         adapters = [resumed] if resumed else None
     if method.finetuning_type == "lora":
         model = _attach_lora(model, method, adapters[0] if adapters else None)
+    elif method.finetuning_type in PROMPT_METHODS:
+        model = attach_prompt_learning(model, method, adapters[0] if adapters else None)
     elif method.finetuning_type == "freeze":
         head = [f"{SCORE_HEAD}."] if value_head else []
         _freeze_all_but(model, _freeze_trainable_names(model, method) + head)
@@ -63,12 +72,21 @@ def adapters_to_merge(
 
     With LoRA the last adapter continues training, unless create_new_adapter asks for a new
     one, or the model has a value head and the last adapter is not a reward adapter (an sft
-    adapter under a reward model is merged and a new adapter trains the head). Full and freeze
-    merge them all.
+    adapter under a reward model is merged and a new adapter trains the head). With prefix or
+    prompt tuning a last adapter of the same kind continues (LoRA adapters before it are
+    merged). Full and freeze merge them all.
     """
+    kind = method.finetuning_type
+    if kind in PROMPT_METHODS:
+        resume = (
+            not method.create_new_adapter
+            and adapter_peft_type(adapters[-1]) == PROMPT_METHODS[kind]
+        )
+        return (adapters[:-1], adapters[-1]) if resume else (list(adapters), None)
     resume = (
-        method.finetuning_type == "lora"
+        kind == "lora"
         and not method.create_new_adapter
+        and not is_prompt_adapter(adapters[-1])  # refused when merged: no weights to merge
         and (not value_head or reward_folder_problem(adapters[-1]) is None)
     )
     return (adapters[:-1], adapters[-1]) if resume else (list(adapters), None)

@@ -27,6 +27,11 @@ from corral.model.default import (
     default_model_target,
     dequantize_gguf,
 )
+from corral.model.prompt_learning import (
+    adapter_peft_type,
+    is_prompt_adapter,
+    pass_virtual_tokens_to_generate,
+)
 from corral.model.quantize import quantization_kwargs
 from corral.model.reward import prepare_value_head, wants_value_head
 from corral.model.rope import recorded_rope, rope_overrides
@@ -410,8 +415,8 @@ def load_model(
         prepare_value_head(model, tokenizer, new_head=new_head)
     if not for_training and quantized:
         model = _attach_unmerged(model, adapters, source)
-    elif not for_training:
-        model = merge_adapters(model, adapters, source)
+    elif not for_training:  # a last prefix/prompt adapter stays attached: no weights to merge
+        model = merge_adapters(model, adapters, source, keep_last_prompt=True)
     return model.eval(), tokenizer
 
 
@@ -440,18 +445,43 @@ def _rope_for(
     return recorded_rope([info for info in map(find_run_info, adapters) if info])
 
 
-def merge_adapters(model: Any, adapters: list[str], source: ModelSource | None = None) -> Any:
+def merge_adapters(
+    model: Any,
+    adapters: list[str],
+    source: ModelSource | None = None,
+    *,
+    keep_last_prompt: bool = False,
+) -> Any:
     """Merge adapter folders into `model`'s weights, in order.
+
+    Args:
+        keep_last_prompt: a last prefix or prompt adapter (virtual tokens, nothing to merge)
+            is attached instead, and the model returned is a peft model.
 
     Raises:
         ModelError: naming the adapter, the model it was trained on and the one loaded, when
-            they do not fit together.
+            they do not fit together, or naming a prefix/prompt adapter that would have to be
+            merged.
     """
     check_adapter_folders(adapters)
-    for adapter in adapters:
+    for index, adapter in enumerate(adapters):
+        if is_prompt_adapter(adapter):
+            if keep_last_prompt and index == len(adapters) - 1:
+                return pass_virtual_tokens_to_generate(attach_adapter(model, adapter, source))
+            raise ModelError(unmergeable_prompt_adapter(adapter))
         model = attach_adapter(model, adapter, source).merge_and_unload()
         get_logger().info(f"merged adapter {adapter}")
     return model
+
+
+def unmergeable_prompt_adapter(adapter: str) -> str:
+    """Why a prefix/prompt adapter cannot be merged into the weights, and what to do instead."""
+    return (
+        f"adapter '{adapter}' is {adapter_peft_type(adapter)} (learned virtual tokens that the "
+        "model attends to, not a change of its weights), so it cannot be merged into the "
+        "model; use it as the last adapter_name_or_path of chat or serve, or train with "
+        "finetuning_type: lora to get a mergeable adapter"
+    )
 
 
 def attach_adapter(model: Any, adapter: str, source: ModelSource | None = None) -> Any:

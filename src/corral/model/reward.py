@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.config.fields import ModelConfig
+from corral.model.prompt_learning import decoder_runs_alone
 from corral.utils.errors import ModelError
 
 SCORE_HEAD = "score"  # transformers' name for the head of every *ForSequenceClassification
@@ -158,7 +159,7 @@ def sequence_scores(model: Any, input_ids: Any, lengths: Any) -> Any:
     """
     import torch
 
-    if not hasattr(model, "get_decoder"):
+    if not decoder_runs_alone(model):
         mask = torch.arange(input_ids.shape[1], device=input_ids.device) < lengths[:, None]
         return model(input_ids=input_ids, attention_mask=mask.long()).logits[:, 0].float()
     hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state

@@ -23,6 +23,7 @@ import torch
 
 from corral.config import CorralConfig
 from corral.model.checkpointing import is_checkpointing
+from corral.model.prompt_learning import decoder_runs_alone
 from corral.train.loss import label_logps
 
 
@@ -52,7 +53,7 @@ def sequence_logps(
     Returns:
         (logps, counts): two (rows,) tensors; logps in fp32.
     """
-    if hasattr(model, "get_decoder"):
+    if decoder_runs_alone(model):
         hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
         logps, counts = label_logps(hidden, labels, model.get_output_embeddings())
     else:
@@ -72,7 +73,7 @@ def pair_logps(model: Any, batch: dict[str, Any], *, average: bool) -> PairLogps
     synchronisation, and gradient checkpointing turns the KV cache off: both run the padded
     batch through `sequence_logps` instead. The numbers agree to float rounding.
     """
-    if not hasattr(model, "get_decoder") or is_checkpointing(model):
+    if not decoder_runs_alone(model) or is_checkpointing(model):
         logps, counts = sequence_logps(model, batch["input_ids"], batch["labels"])
         pairs = _split_pairs(logps, counts)
     else:

@@ -21,6 +21,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 
 from corral.config import CorralConfig
 from corral.model.load import pick_device
+from corral.model.prompt_learning import decoder_runs_alone
 from corral.train.loss import causal_lm_loss
 from corral.utils.deps import require
 from corral.utils.disk import disk_full_error
@@ -313,7 +314,7 @@ class CorralTrainer(WholeCheckpoints, Trainer):
         # A DeepSpeed engine (and an FSDP2 model) still has get_decoder, but the forward must
         # start at the top: it gathers the sharded weights (the LM head's too).
         sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
-        if hasattr(model, "get_decoder") and not sharded:
+        if decoder_runs_alone(model) and not sharded:
             inputs.pop("labels")
             # the Trainer's bf16/fp16 autocast wraps model.forward, which this path skips
             with self.accelerator.autocast():

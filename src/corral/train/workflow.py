@@ -18,6 +18,7 @@ import torch
 from transformers import set_seed
 
 from corral.config import CorralConfig
+from corral.config.fields import ADAPTER_METHODS
 from corral.data.collator import Collator
 from corral.data.dataset import build_dataset
 from corral.data.processors import format_summary
@@ -125,7 +126,7 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     result.metrics["preprocessing_seconds"] = round(preprocessing_seconds, 3)
     # saved in the dtype it was loaded in (DeepSpeed and FSDP keep sharded weights in theirs)
     sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
-    if config.method.finetuning_type != "lora" and not sharded:
+    if config.method.finetuning_type not in ADAPTER_METHODS and not sharded:
         trainer.model.to(weights_dtype)
     metrics = _finish(config, trainer, result, meter, stage, model_config, template, data)
     if pissa_start is not None and is_main_process():  # the saved adapter is converted
@@ -226,9 +227,9 @@ def _finish(config, trainer, result, meter, stage, model_config, template, data)
 
 
 def _merged_adapters(config: CorralConfig, adapters: list[str], stage: Any) -> list[str]:
-    """The adapters `apply_method` merged into the base under a trained LoRA adapter (a full or
+    """The adapters `apply_method` merged into the base under a trained adapter (a full or
     freeze model holds them in its weights)."""
-    if config.method.finetuning_type != "lora" or not adapters:
+    if config.method.finetuning_type not in ADAPTER_METHODS or not adapters:
         return []
     merged, _ = adapters_to_merge(config.method, adapters, value_head=stage.needs_value_head)
     return [str(Path(a).expanduser().resolve()) for a in merged]

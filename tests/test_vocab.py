@@ -1,0 +1,148 @@
+"""`corral vocab extend`: new tokens from a Chinese corpus for byte-level BPE (SmolLM2's) and
+SentencePiece (Llama 2's) tokenizers; old ids unchanged, new rows the mean of their parts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from corral.utils.errors import ConfigError, DataError
+from corral.vocab.extend import extend_vocabulary
+
+DEMO = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.fixture(scope="module")
+def zh_split(tmp_path_factory) -> tuple[Path, list[str]]:
+    """250 records of alpaca_zh_demo to learn from, and 40 held-out texts."""
+    records = json.loads((DEMO / "alpaca_zh_demo.json").read_text())
+    path = tmp_path_factory.mktemp("zh") / "zh.json"
+    path.write_text(json.dumps(records[:250], ensure_ascii=False))
+    return path, [r["output"] for r in records[-40:]]
+
+
+@pytest.fixture(scope="module")
+def llama2_tiny_dir(tmp_path_factory, spm_tokenizer_model) -> Path:
+    """A tiny random Llama with Llama 2's SentencePiece tokenizer (BOS added, byte fallback)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from corral.export.meta import convert_tokenizer
+
+    out = tmp_path_factory.mktemp("llama2-tiny")
+    convert_tokenizer(spm_tokenizer_model.parent, out)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def _tokens(tokenizer, texts: list[str]) -> int:
+    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "llama2_tiny_dir"])
+def test_extended_tokenizer_is_shorter_and_keeps_old_ids(model, zh_split, tmp_path, request):
+    folder = request.getfixturevalue(model)
+    corpus, held_out = zh_split
+    out = tmp_path / "extended"
+    report = extend_vocabulary(str(folder), [str(corpus)], 300, str(out))
+    old, new = AutoTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(out)
+    assert 0 < report.added <= 300 and len(new) == len(old) + report.added
+    assert report.first_id == len(old)
+    old_vocab, new_vocab = old.get_vocab(), new.get_vocab()
+    assert all(new_vocab[token] == i for token, i in old_vocab.items())  # old ids never change
+    # fewer tokens on held-out Chinese text, which decodes to the same string
+    assert _tokens(new, held_out) < 0.9 * _tokens(old, held_out)
+    for text in held_out:
+        assert new.decode(new(text)["input_ids"], skip_special_tokens=True) == old.decode(
+            old(text)["input_ids"], skip_special_tokens=True
+        )
+    # English text tokenises as before wherever no new token applies
+    english = [r["output"] for r in json.loads((DEMO / "alpaca_en_demo.json").read_text())[:50]]
+    for text in english:
+        ids = new(text)["input_ids"]
+        assert ids == old(text)["input_ids"] or max(ids) >= len(old), text
+    # new rows are the mean of the old rows of the tokens each one joins
+    weights = load_file(out / "model.safetensors")
+    before = load_file(folder / "model.safetensors")
+    first = report.first_id
+    token = new.convert_ids_to_tokens(first)
+    parts = old(new.convert_tokens_to_string([token]), add_special_tokens=False)["input_ids"]
+    if parts[0] == old.convert_tokens_to_ids("\u2581") and not token.startswith("\u2581"):
+        parts = parts[1:]  # SentencePiece's word-start marker, which the new piece lacks
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name not in weights:  # tied to the embeddings
+            continue
+        torch.testing.assert_close(weights[name][:first], before[name])
+        torch.testing.assert_close(weights[name][first], before[name][parts].mean(0))
+
+
+def test_cli_extends_and_each_bad_input_is_one_clear_error(tiny_llama_dir, zh_split, tmp_path):
+    corpus, _ = zh_split
+    run = [sys.executable, "-m", "corral", "vocab", "extend", "--model", str(tiny_llama_dir)]
+    done = subprocess.run(
+        [*run, "--corpus", str(corpus), "--add", "50", "--output", str(tmp_path / "ok")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "50 new tokens (ids 49152-49201)" in done.stdout, done.stdout
+    gbk = tmp_path / "gbk.txt"
+    gbk.write_bytes("中文语料".encode("gbk"))
+    done = subprocess.run(
+        [*run, "--corpus", str(gbk), "--add", "10", "--output", str(tmp_path / "gbk")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    assert "not UTF-8 text (byte 0" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("corpus_text", "add", "error", "message"),
+    [
+        ("", 10, DataError, "holds no text"),
+        ("短短的一句话。", 500, DataError, "fewer than --add 500"),
+        ("中文语料。" * 50, 0, ConfigError, "at least 1"),
+        ("中文语料。" * 50, 10**6, ConfigError, "corral extends a vocabulary up to 262,144"),
+    ],
+)
+def test_bad_corpus_or_count(tiny_llama_dir, tmp_path, corpus_text, add, error, message):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(corpus_text)
+    with pytest.raises(error, match=message):
+        extend_vocabulary(str(tiny_llama_dir), [str(corpus)], add, str(tmp_path / "out"))
+
+
+def test_a_tokenizer_that_is_neither_kind_is_refused(tiny_llama_dir, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    words = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(["a", "b", "c", "d"])}}
+    backend = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path / "wordlevel"
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(folder)
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(folder)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a b c d " * 50)
+    with pytest.raises(ConfigError, match="its tokenizer is WordLevel"):
+        extend_vocabulary(str(folder), [str(corpus)], 2, str(tmp_path / "out"))
