@@ -40,6 +40,10 @@ COMMANDS = {
         "corral.serve.command",
         "Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming).",
     ),
+    "webui": (
+        "corral.webui.command",
+        "Train, chat, evaluate and export in the browser (each run an ordinary corral command).",
+    ),
     "version": (
         "corral.utils.versions",
         "Print corral's and its libraries' versions and the device.",
