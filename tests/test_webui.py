@@ -157,6 +157,7 @@ def test_browser_trains_chats_evaluates_and_exports(webui, tmp_path, tiny_llama_
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(30_000)
         page.goto(webui)
+        started = time.monotonic()
 
         # Train: a config the CLI refuses shows its error, and the page goes on working
         fill(page, "field-model_name_or_path", str(tiny_llama_dir))
@@ -180,6 +181,8 @@ def test_browser_trains_chats_evaluates_and_exports(webui, tmp_path, tiny_llama_
         fill(page, "field-stop_check_samples", "0")
         page.get_by_role("button", name="Preview command").click()
         expect(page.locator(".cm-content").first).to_contain_text("max_steps: 4")
+        page.get_by_role("button", name="Preview dataset").click()
+        expect(page.locator("#preview")).to_contain_text("Hello! I am Corral", timeout=60_000)
         page.locator("#start").click()
         expect(status).to_contain_text("saves_tiny — finished — step 4/4", timeout=150_000)
         expect(page.locator("#curve canvas, #curve svg").first).to_be_visible()
@@ -188,6 +191,8 @@ def test_browser_trains_chats_evaluates_and_exports(webui, tmp_path, tiny_llama_
         output = tmp_path / "saves" / "tiny"
         assert (output / "adapter_model.safetensors").is_file()
         assert (tmp_path / "saves" / ".webui" / "saves_tiny.yaml").is_file()
+
+        print(f"webui browser test: train done at {time.monotonic() - started:.0f} s")
 
         # Chat: the output folder brings its base model and template
         page.get_by_role("tab", name="Chat").click()
@@ -202,28 +207,30 @@ def test_browser_trains_chats_evaluates_and_exports(webui, tmp_path, tiny_llama_
         expect(bot).not_to_be_empty(timeout=60_000)
         shoot(page, tmp_path, "chat")
 
-        # Evaluate: the base and the tuned model, compared side by side
+        print(f"webui browser test: chat done at {time.monotonic() - started:.0f} s")
+
+        # Evaluate: the tuned model, its metrics and first predictions; then compare two
+        # evaluation folders (the second a copy: one more evaluation would add a minute)
         page.get_by_role("tab", name="Evaluate").click()
         page.locator("#eval-kind").get_by_text("generate").click()
-        fill(page, "eval-model", str(tiny_llama_dir))
+        fill(page, "eval-adapter", str(output))
         fill(page, "eval-dataset", "identity")
         fill(page, "eval-max_samples", "4")
         fill(page, "eval-max_new_tokens", "8")
-        fill(page, "eval-output", "evals/base")
-        page.locator("#eval-run").click()
-        metrics = page.locator("#eval-metrics")
-        expect(metrics).to_contain_text("rouge-l", timeout=90_000)
-        fill(page, "eval-model", "")
-        fill(page, "eval-adapter", str(output))
         fill(page, "eval-output", "evals/tuned")
         page.locator("#eval-run").click()
-        expect(page.locator("#eval-command")).to_contain_text("evals/tuned", timeout=90_000)
-        expect(metrics).to_contain_text("rouge-l")
-        fill(page, "compare-a", "evals/base")
-        fill(page, "compare-b", "evals/tuned")
+        expect(page.locator("#eval-metrics")).to_contain_text("rouge-l", timeout=90_000)
+        expect(page.locator("#eval-command")).to_contain_text("corral eval generate --dataset")
+        expect(page.get_by_text('"prediction"').first).to_be_visible()
+        assert (tmp_path / "evals" / "tuned" / "predictions.jsonl").is_file()
+        shutil.copytree(tmp_path / "evals" / "tuned", tmp_path / "evals" / "again")
+        fill(page, "compare-a", "evals/tuned")
+        fill(page, "compare-b", "evals/again")
         page.locator("#compare").click()
-        expect(page.locator("#compare-table")).to_contain_text("tuned", timeout=60_000)
+        expect(page.locator("#compare-table")).to_contain_text("evals/again", timeout=60_000)
         shoot(page, tmp_path, "evaluate")
+
+        print(f"webui browser test: evaluate done at {time.monotonic() - started:.0f} s")
 
         # Export: a merged Hugging Face folder, its size shown and its files on disk
         page.get_by_role("tab", name="Export").click()
@@ -236,7 +243,74 @@ def test_browser_trains_chats_evaluates_and_exports(webui, tmp_path, tiny_llama_
         assert list(merged.glob("*.safetensors"))
         shoot(page, tmp_path, "export")
 
+        print(f"webui browser test: export done at {time.monotonic() - started:.0f} s")
+
         # The page speaks Chinese too
         page.locator("#language").get_by_text("中文").click()
         expect(page.get_by_role("tab", name="训练")).to_be_visible()
         browser.close()
+
+
+def _wait_until(condition, what: str, timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_a_run_stops_with_a_checkpoint_resumes_and_is_found_again(
+    tmp_path, tiny_llama_dir, demo_dir, monkeypatch
+):
+    from corral.webui.runs import RunStore
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", corral_env()["PYTHONPATH"])
+    store = RunStore(tmp_path / "saves")
+    output = tmp_path / "saves" / "long"
+    overrides = {
+        "model_name_or_path": str(tiny_llama_dir),
+        "template": "chatml",
+        "dataset": "identity",
+        "dataset_dir": str(demo_dir),
+        "cutoff_len": 64,
+        "per_device_train_batch_size": 2,
+        "max_steps": 100_000,  # stopped long before
+        "logging_steps": 1,
+        "stop_check_samples": 0,
+        "output_dir": str(output),
+    }
+    store.start("long", overrides)
+    _wait_until(lambda: store.state("long").step >= 2, "the run's second step")
+    assert store.state("long").status == "running"
+    assert store.stop("long")
+    _wait_until(lambda: store.state("long").status == "stopped", "the graceful stop")
+    first = sorted(output.glob("checkpoint-*"))
+    assert len(first) == 1, store.log_tail("long")
+    stopped_at = int(first[0].name.split("-")[1])
+
+    reopened = RunStore(tmp_path / "saves")  # a new server finds the run from its files
+    assert reopened.names() == ["long"]
+    assert reopened.resume("long")[1:] == ["train", str(tmp_path / "saves/.webui/long.yaml")]
+    _wait_until(lambda: reopened.state("long").step > stopped_at + 1, "steps after resuming")
+    assert reopened.stop("long")
+    _wait_until(lambda: reopened.state("long").status == "stopped", "the second stop")
+    last = max(int(p.name.split("-")[1]) for p in output.glob("checkpoint-*"))
+    assert last > stopped_at + 1
+    steps = [row["step"] for row in reopened.curves("long") if row["series"] == "loss"]
+    assert steps[0] == 1 and max(steps) > stopped_at  # one curve across the stop
+
+
+def test_dataset_preview_marks_the_reply_trained_and_the_prompt_masked(tiny_llama_dir, demo_dir):
+    from corral.config.parse import build_config
+    from corral.webui.preview import preview_examples
+
+    raw = {"model_name_or_path": str(tiny_llama_dir), "template": "chatml"}
+    raw |= {"dataset": "identity", "dataset_dir": str(demo_dir), "cutoff_len": 128}
+    pieces = preview_examples(build_config(raw), count=1)
+    masked = "".join(text for text, role in pieces if role == "masked")
+    trained = "".join(text for text, role in pieces if role == "trained")
+    assert masked == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert trained.startswith("Hello! I am Corral") and trained.endswith("<|im_end|>\n")

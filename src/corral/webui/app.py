@@ -88,7 +88,9 @@ def field_component(gr: Any, key: str, **extra: Any) -> Any:
     """The widget of one config key: its default, allowed values and help from the metadata."""
     spec = form.field_spec(key)
     value = extra.pop("value", spec.default)
-    common = {"label": key, "info": spec.help, "elem_id": f"field-{key}", **extra}
+    suggestions = extra.pop("suggestions", None)
+    common = {"label": key, "info": spec.help, "elem_id": f"field-{key}", "min_width": 220}
+    common |= extra
     if key == "template":
         from corral.data.templates.families import template_names
 
@@ -102,6 +104,8 @@ def field_component(gr: Any, key: str, **extra: Any) -> Any:
             allow_custom_value=True,
             **common,
         )
+    if suggestions is not None:  # known values offered, any other typed value accepted
+        return gr.Dropdown(suggestions, value=value, allow_custom_value=True, **common)
     if spec.kind == "bool":
         return gr.Checkbox(value=value, **common)
     if spec.kind in ("choice", "optional_bool"):
@@ -127,7 +131,7 @@ def _train_tab(gr: Any, store: runs.RunStore, labels: Labels) -> None:
         accordion = gr.Accordion(labels.text(f"section_{section}"), open=True)
         with labels(f"section_{section}", accordion), gr.Row():
             for key in keys:
-                fields[key] = field_component(gr, key)
+                fields[key] = field_component(gr, key, **_suggestions(store, key))
     advanced = gr.Accordion(labels.text("advanced"), open=False, elem_id="advanced")
     with labels("advanced", advanced), gr.Row():
         for key in form.advanced_keys():
@@ -177,12 +181,22 @@ def _train_tab(gr: Any, store: runs.RunStore, labels: Labels) -> None:
     save.click(lambda path, *v: _save_config(path, v), [config_path, *inputs], status)
     load.click(lambda path: _load_config(path, len(inputs)), config_path, [status, *inputs])
     watched = [status, plot, log]
-    refresh.click(lambda name: _refresh_runs(store, name), run, [run, *watched])
+    model = fields["model_name_or_path"]
+    refresh.click(lambda name: _refresh_runs(store, name), run, [run, model, *watched])
     run.change(lambda name: _show_run(store, name), run, watched)
     fields["dataset_dir"].change(
         lambda d: gr.update(choices=_dataset_names(d)), fields["dataset_dir"], fields["dataset"]
     )
     gr.Timer(REFRESH_SECONDS).tick(lambda name: _show_run(store, name), run, watched)
+
+
+def _suggestions(store: runs.RunStore, key: str) -> dict[str, Any]:
+    """Values offered in a dropdown for keys whose values are paths."""
+    if key == "model_name_or_path":
+        return {"suggestions": store.models()}
+    if key in ("adapter_name_or_path", "reward_model"):
+        return {"suggestions": [""] + store.outputs()}
+    return {}
 
 
 def _overrides(values: tuple) -> dict[str, Any]:
@@ -290,7 +304,8 @@ def _refresh_runs(store: runs.RunStore, name: str | None) -> list[Any]:
 
     names = store.names()
     chosen = name if name in names else (names[0] if names else None)
-    return [gr.update(choices=names, value=chosen), *_show_run(store, chosen)]
+    models = gr.update(choices=store.models())
+    return [gr.update(choices=names, value=chosen), models, *_show_run(store, chosen)]
 
 
 def _show_run(store: runs.RunStore, name: str | None) -> list[Any]:

@@ -159,6 +159,22 @@ class RunStore:
                     rows.append({"step": record["step"], "value": record[series], "series": series})
         return rows
 
+    def outputs(self) -> list[str]:
+        """Output folders of earlier runs under the root (models or adapters), newest first."""
+        if not self.root.is_dir():
+            return []
+        found = [
+            p
+            for p in self.root.iterdir()
+            if (p / "config.json").is_file() or (p / "adapter_config.json").is_file()
+        ]
+        return [str(p) for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+    def models(self) -> list[str]:
+        """Models to start from: the default one, earlier outputs, GGUF files under the root."""
+        gguf = sorted(str(p) for p in self.root.glob("*.gguf")) if self.root.is_dir() else []
+        return ["default", *self.outputs(), *gguf]
+
     def _pid(self, name: str) -> int | None:
         """The run's process id while it is alive, else None (and the pid file is removed)."""
         path = self.records / f"{name}.pid"
