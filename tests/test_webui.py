@@ -95,25 +95,75 @@ def test_webui_refuses_a_busy_port_and_a_bad_auth():
     assert "corral webui: error: --auth must be USER:PASSWORD" in done.stderr
 
 
-@pytest.fixture
-def webui(tmp_path, demo_dir):
-    """`corral webui` on a free port, run from a folder whose data/ is the demo datasets."""
-    (tmp_path / "data").symlink_to(demo_dir)
+def test_webui_warns_when_reachable_without_a_password():
+    with socket.socket() as busy:  # the port is taken, so the command stops after warning
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "corral", "webui", "--host", "0.0.0.0", "--port", str(port)],
+            env=corral_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert "reachable from other machines without a password" in done.stderr
+    assert f"corral webui: error: cannot listen on 0.0.0.0:{port}" in done.stderr
+
+
+def start_webui(folder: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """`corral webui ARGS` on a free port, run from `folder`; (process, URL) once it answers."""
     port = free_port()
-    log = open(tmp_path / "webui.log", "w+")  # noqa: SIM115 - closed below
+    log = open(folder / "webui.log", "w+")  # noqa: SIM115 - closed by stop_webui
     process = subprocess.Popen(
-        [sys.executable, "-m", "corral", "webui", "--port", str(port)],
-        cwd=tmp_path,
+        [sys.executable, "-m", "corral", "webui", "--port", str(port), *args],
+        cwd=folder,
         env=corral_env(),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    process.log = log
     url = f"http://127.0.0.1:{port}"
     _wait_for(url, process, log)
-    yield url
+    return process, url
+
+
+def stop_webui(process: subprocess.Popen) -> None:
     process.terminate()
     process.wait(timeout=30)
-    log.close()
+    process.log.close()
+
+
+@pytest.fixture
+def webui(tmp_path, demo_dir):
+    """`corral webui` run from a folder whose data/ is the demo datasets."""
+    (tmp_path / "data").symlink_to(demo_dir)
+    process, url = start_webui(tmp_path)
+    yield url
+    stop_webui(process)
+
+
+@pytest.mark.slow
+def test_webui_with_auth_asks_for_the_password(tmp_path):
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    process, url = start_webui(tmp_path, "--auth", "me:secret")
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/config", timeout=10)
+        assert refused.value.code == 401
+        for password, status in (("wrong", 400), ("secret", 200)):
+            form_data = urllib.parse.urlencode({"username": "me", "password": password})
+            request = urllib.request.Request(f"{url}/login", data=form_data.encode())
+            try:
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    assert answer.status == status
+            except urllib.error.HTTPError as exc:
+                assert exc.code == status
+    finally:
+        stop_webui(process)
 
 
 def _wait_for(url: str, process: subprocess.Popen, log) -> None:

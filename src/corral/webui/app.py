@@ -229,7 +229,7 @@ def _start(store: runs.RunStore, values: tuple) -> tuple[str, str, Any]:
     except CorralError as exc:
         return cli_error("train", exc), "", gr.update()
     name = runs.run_name(overrides["output_dir"])
-    if store.state(name).status == "running" if name in store.names() else False:
+    if name in store.names() and store.state(name).status == "running":
         return f"**{name}** is already running", "", gr.update()
     store.start(name, overrides)
     text = _yaml_and_command(store, overrides)

@@ -43,12 +43,12 @@ def run(args: argparse.Namespace) -> int:
     from corral.utils.log import get_logger
 
     auth = parse_auth(args.auth or os.environ.get("CORRAL_WEBUI_AUTH"))
-    check_port_free(args.host, args.port)
     if args.host not in LOOPBACK and auth is None:
         get_logger().warning(
             f"the web UI on {args.host} is reachable from other machines without a password; "
             "anyone who can reach it can run commands on this machine. Use --auth USER:PASSWORD."
         )
+    check_port_free(args.host, args.port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     require("gradio")
     from corral.webui.app import build_app
