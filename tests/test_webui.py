@@ -215,9 +215,9 @@ def test_browser_trains_chats_evaluates_and_exports(webui, tmp_path, tiny_llama_
         fill(page, "field-dataset", "identity")
         fill(page, "field-learning_rate", "-1")
         page.locator("#start").click()
-        status = page.locator("#train-status")
-        expect(status).to_contain_text("corral train: error: invalid configuration")
-        expect(status).to_contain_text("learning_rate: must be > 0, got -1")
+        message = page.locator("#train-message")
+        expect(message).to_contain_text("corral train: error: invalid configuration")
+        expect(message).to_contain_text("learning_rate: must be > 0, got -1")
         for key, value in {
             "learning_rate": "1e-3",
             "max_steps": "4",
@@ -233,7 +233,12 @@ def test_browser_trains_chats_evaluates_and_exports(webui, tmp_path, tiny_llama_
         expect(page.locator(".cm-content").first).to_contain_text("max_steps: 4")
         page.get_by_role("button", name="Preview dataset").click()
         expect(page.locator("#preview")).to_contain_text("Hello! I am Corral", timeout=60_000)
+        fill(page, "config-path", "tiny.yaml")
+        page.locator("#save").click()
+        expect(message).to_contain_text("saved tiny.yaml")
+        assert "max_steps: 4" in (tmp_path / "tiny.yaml").read_text()
         page.locator("#start").click()
+        status = page.locator("#train-status")
         expect(status).to_contain_text("saves_tiny — finished — step 4/4", timeout=150_000)
         expect(page.locator("#curve canvas, #curve svg").first).to_be_visible()
         assert "step 4/4" in page.locator("#log textarea").input_value()
@@ -364,3 +369,19 @@ def test_dataset_preview_marks_the_reply_trained_and_the_prompt_masked(tiny_llam
     trained = "".join(text for text, role in pieces if role == "trained")
     assert masked == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert trained.startswith("Hello! I am Corral") and trained.endswith("<|im_end|>\n")
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_shows_the_line_the_cli_prints(tmp_path, tiny_llama_dir, monkeypatch):
+    from corral.webui.runs import RunStore
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", corral_env()["PYTHONPATH"])
+    store = RunStore(tmp_path / "saves")
+    overrides = {"model_name_or_path": str(tiny_llama_dir), "dataset": "no_such_dataset"}
+    store.start("broken", {**overrides, "output_dir": str(tmp_path / "saves" / "broken")})
+    state = _wait_until(
+        lambda: (s := store.state("broken")).status != "running" and s, "the run to fail"
+    )
+    assert state.status == "failed"
+    assert state.error.startswith("corral train: error: dataset 'no_such_dataset' not found")

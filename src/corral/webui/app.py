@@ -145,17 +145,19 @@ def _train_tab(gr: Any, store: runs.RunStore, labels: Labels) -> None:
         resume = labels("resume", gr.Button(labels.text("resume"), elem_id="resume"))
     with gr.Row():
         config_path = labels(
-            "config_path", gr.Textbox(label=labels.text("config_path"), max_lines=1)
+            "config_path",
+            gr.Textbox(label=labels.text("config_path"), max_lines=1, elem_id="config-path"),
         )
-        save = labels("save_config", gr.Button(labels.text("save_config")))
-        load = labels("load_config", gr.Button(labels.text("load_config")))
+        save = labels("save_config", gr.Button(labels.text("save_config"), elem_id="save"))
+        load = labels("load_config", gr.Button(labels.text("load_config"), elem_id="load"))
     with gr.Row():
         run = labels(
             "run",
             gr.Dropdown(store.names(), value=None, label=labels.text("run"), elem_id="run"),
         )
         refresh = labels("refresh", gr.Button(labels.text("refresh")))
-    status = gr.Markdown(elem_id="train-status")
+    message = gr.Markdown(elem_id="train-message")  # what the last button did, or its error
+    status = gr.Markdown(elem_id="train-status")  # the chosen run, refreshed by the timer
     command = labels("command", gr.Code(label=labels.text("command"), language="yaml"))
     preview = labels(
         "preview",
@@ -173,13 +175,13 @@ def _train_tab(gr: Any, store: runs.RunStore, labels: Labels) -> None:
     )
     log = labels("log", gr.Textbox(label=labels.text("log"), lines=10, elem_id="log"))
 
-    start.click(lambda *v: _start(store, v), inputs, [status, command, run])
-    stop.click(lambda name: _stop(store, name), run, status)
-    resume.click(lambda name: _resume(store, name), run, [status, command])
-    preview_command.click(lambda *v: _preview_command(store, v), inputs, [status, command])
-    preview_data.click(lambda *v: _preview_data(v), inputs, [status, preview])
-    save.click(lambda path, *v: _save_config(path, v), [config_path, *inputs], status)
-    load.click(lambda path: _load_config(path, len(inputs)), config_path, [status, *inputs])
+    start.click(lambda *v: _start(store, v), inputs, [message, command, run])
+    stop.click(lambda name: _stop(store, name), run, message)
+    resume.click(lambda name: _resume(store, name), run, [message, command])
+    preview_command.click(lambda *v: _preview_command(store, v), inputs, [message, command])
+    preview_data.click(lambda *v: _preview_data(v), inputs, [message, preview])
+    save.click(lambda path, *v: _save_config(path, v), [config_path, *inputs], message)
+    load.click(lambda path: _load_config(path, len(inputs)), config_path, [message, *inputs])
     watched = [status, plot, log]
     model = fields["model_name_or_path"]
     refresh.click(lambda name: _refresh_runs(store, name), run, [run, model, *watched])
