@@ -45,6 +45,10 @@ COMMANDS = {
         "corral.vocab.command",
         "Extend a tokenizer's vocabulary from a corpus (and the model's embeddings with it).",
     ),
+    "webui": (
+        "corral.webui.command",
+        "Train, chat, evaluate and export in the browser (each run an ordinary corral command).",
+    ),
     "version": (
         "corral.utils.versions",
         "Print corral's and its libraries' versions and the device.",

@@ -19,7 +19,7 @@ OPTIONAL = {
     "vllm": ("vllm", "the vLLM backend (GPU only)"),
     "bitsandbytes": ("corral[qlora]", "QLoRA (quantization_bit: 4/8-bit quantised base models)"),
     "deepspeed": ("deepspeed", "DeepSpeed multi-GPU training"),
-    "gradio": ("gradio", "the web UI"),
+    "gradio": ("corral[webui]", "the web UI (corral webui)"),
     "tiktoken": ("corral[meta]", "converting Llama 3's tokenizer (corral convert meta)"),
 }
 
