@@ -40,6 +40,10 @@ COMMANDS = {
         "corral.serve.command",
         "Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming).",
     ),
+    "kb": (
+        "corral.kb.command",
+        "Answer questions from your own documents, with sources (local knowledge base).",
+    ),
     "version": (
         "corral.utils.versions",
         "Print corral's and its libraries' versions and the device.",

