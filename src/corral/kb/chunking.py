@@ -14,6 +14,8 @@ from corral.kb.readers import Block
 # A sentence ends after . ! ? (then a space) or after Chinese 。！？； (no space needed), or at a
 # line break; the end stays with its sentence.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？；])|\n+")
+_CJK_END = re.compile(r"[\u3000-\u303f\u3400-\u9fff\uff00-\uffef]$")
+_CJK_START = re.compile(r"[\u3000-\u303f\u3400-\u9fff\uff00-\uffef]")
 
 
 @dataclass
@@ -40,7 +42,8 @@ def chunk_blocks(blocks: list[Block], size: int, overlap: int) -> list[Chunk]:
     """Pack `blocks` (one file's, in order) into passages of at most `size` characters."""
     chunks: list[Chunk] = []
     current: list[Block] = []
-    for piece in (p for block in blocks for p in _split_long(block, size)):
+    # a long paragraph is cut small enough that the overlap still fits before each piece
+    for piece in (p for block in blocks for p in _split_long(block, size - overlap - 2)):
         if current and (
             _section(current[-1]) != _section(piece)
             or len(_join(current)) + 2 + len(piece.text) > size
@@ -76,10 +79,18 @@ def _overlap(previous: list[Block], following: Block, overlap: int) -> list[Bloc
     for sentence in reversed(_sentences(last.text)):
         if len(kept) + len(sentence) + 1 > overlap:
             break
-        kept = f"{sentence} {kept}".strip()
+        kept = _glue(sentence, kept)
     if not kept:
         return []
     return [Block(kept, last.headings, last.line_end, last.line_end, last.page)]
+
+
+def _glue(first: str, second: str) -> str:
+    """Two sentences as one text: no space between Chinese ones, one between others."""
+    if not first or not second:
+        return first or second
+    joiner = "" if _CJK_END.search(first) and _CJK_START.match(second) else " "
+    return first + joiner + second
 
 
 def _sentences(text: str) -> list[str]:
@@ -100,7 +111,7 @@ def _split_long(block: Block, size: int) -> list[Block]:
             text = ""
         if not text:
             start = offset
-        text = f"{text} {sentence}".strip() if text else sentence
+        text = _glue(text, sentence)
     if text:
         pieces.append(_sub_block(block, start, text))
     return pieces
