@@ -49,6 +49,10 @@ COMMANDS = {
         "corral.webui.command",
         "Train, chat, evaluate and export in the browser (each run an ordinary corral command).",
     ),
+    "kb": (
+        "corral.kb.command",
+        "Answer questions from your own documents, with sources (local knowledge base).",
+    ),
     "version": (
         "corral.utils.versions",
         "Print corral's and its libraries' versions and the device.",

@@ -44,6 +44,7 @@ def check_config(config: CorralConfig) -> None:
         _check_eval,
         _check_ppo,
         _check_distributed,
+        _check_kb,
     ):
         problems.extend(check(config))
     if problems:
@@ -588,3 +589,24 @@ def _fill_defaults(config: CorralConfig) -> None:
         config.method.lora_alpha = float(2 * config.method.lora_rank)
     if config.output.output_dir is None:
         config.output.output_dir = f"saves/{config.method.stage}-{config.method.finetuning_type}"
+
+
+def _check_kb(config: CorralConfig) -> list[str]:
+    kb, problems = config.kb, []
+    if kb.chunk_overlap >= kb.chunk_size:
+        problems.append(
+            f"chunk_overlap ({kb.chunk_overlap}) must be smaller than chunk_size ({kb.chunk_size})"
+        )
+    for lang in kb.embedding_languages:
+        if lang not in ("en", "zh"):
+            problems.append(f"embedding_languages: '{lang}' is not one of: en, zh")
+    for key in ("kb_prompt_en", "kb_prompt_zh"):
+        missing = [f for f in ("{passages}", "{question}") if f not in getattr(kb, key)]
+        if missing:
+            problems.append(f"{key}: the prompt must contain {' and '.join(missing)}")
+    if kb.kb_store and not kb.kb_store.startswith(("postgresql://", "postgres://")):
+        problems.append(
+            f"kb_store: expected empty (the embedded store) or a postgresql:// URI, got "
+            f"'{kb.kb_store}'"
+        )
+    return problems

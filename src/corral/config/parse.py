@@ -36,6 +36,7 @@ class CorralConfig:
     generation: Any
     eval: Any
     export: Any
+    kb: Any
     # Warnings found while parsing (unsupported LLaMA-Factory keys); not part of the config.
     notes: list[str] = dataclasses.field(default_factory=list, compare=False)
 

