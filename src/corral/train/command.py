@@ -18,7 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the config and run the training workflow."""
+    from corral.infer.preflight import check_inputs
+
     config = config_from_args(args)  # config errors first, before the slow imports
+    check_inputs(config.model, config.data)  # then the model, template and datasets exist
     from corral.train.workflow import run_training
 
     run_training(config)
