@@ -108,14 +108,14 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries()
     for note in config.notes:
         get_logger().warning(note)
-    if args.backend == "hf":  # llamacpp and vllm check their own model argument
-        check_inputs(config.model)
     api_key = args.api_key or os.environ.get("CORRAL_API_KEY") or None
     if api_key is None and not _is_loopback(args.host):
         get_logger().warning(
             f"--host {args.host} without an API key: anyone who can reach this machine can use "
             "the model; set --api-key or CORRAL_API_KEY"
         )
+    if args.backend == "hf":  # llamacpp and vllm check their own model argument
+        check_inputs(config.model)
     listener = _bind(args.host, args.port)  # before the slow load: a busy port fails now
     backend = load_backend(args.backend, config.model, args.max_concurrency)
     if args.max_model_len:
