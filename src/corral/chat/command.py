@@ -63,12 +63,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build the engine from the config and chat once (`--prompt`) or interactively."""
     from corral.infer.engine import ChatEngine
+    from corral.infer.preflight import check_inputs
+    from corral.utils.errors import CorralError
     from corral.utils.log import get_logger, quiet_libraries
 
     quiet_libraries()
     config = config_from_args(args, {key: getattr(args, key) for key in FLAGS.values()})
     for note in config.notes:
         get_logger().warning(note)
+    check_inputs(config.model)
+    if args.tools and not Path(args.tools).is_file():
+        raise CorralError(f"--tools {args.tools}: no such file")
     engine = ChatEngine(config.model, config.generation)
     tools = read_tools(args.tools, engine.template) if args.tools else None
     if args.prompt is not None:

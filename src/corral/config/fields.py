@@ -352,7 +352,9 @@ class TrainConfig:
     eval_steps: int | None = opt(
         None, "Validation every N steps when a validation set exists.", ge=1
     )
-    seed: int = opt(42, "Random seed for data order, splits and initialisation.")
+    seed: int = opt(
+        42, "Random seed for data order, splits and initialisation.", ge=0, le=2**32 - 1
+    )
     bf16: bool = opt(False, "Train in bfloat16 mixed precision (GPU).")
     fp16: bool = opt(False, "Train in float16 mixed precision (GPU).")
     dataloader_num_workers: int = opt(0, "Data-loading worker processes, per process.", ge=0)
@@ -406,7 +408,9 @@ class GenerationConfig:
     )
     top_k: int = opt(50, "Sample among the k most likely tokens (0 disables).", ge=0)
     repetition_penalty: float = opt(1.0, "Penalty for repeating tokens (1.0 disables).", gt=0)
-    generation_seed: int | None = opt(None, "Seed for sampling (empty: not seeded).")
+    generation_seed: int | None = opt(
+        None, "Seed for sampling (empty: not seeded).", ge=0, le=2**32 - 1
+    )
 
 
 EVAL_SPLITS = ("validation", "test", "all")

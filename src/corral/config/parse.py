@@ -9,6 +9,7 @@ together in one `ConfigError`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -225,9 +226,9 @@ def _coerce(base: str, value: Any) -> Any:
             raise ValueError
         return int(value)
     if base == "float":
-        if isinstance(value, bool):
-            raise ValueError
-        return float(value)
+        if isinstance(value, bool) or not math.isfinite(number := float(value)):
+            raise ValueError  # inf and nan pass every range check, then break training
+        return number
     if base.startswith("list["):
         item = base[5:-1]
         items = value.split(",") if isinstance(value, str) else value
@@ -259,7 +260,7 @@ def _describe(base: str) -> str:
         "str": "a string",
         "bool": "true or false",
         "int": "an integer",
-        "float": "a number",
+        "float": "a finite number",
         "list[str]": "a comma-separated list of names",
         "list[float]": "a comma-separated list of numbers",
         "dict[str,Any]|str": "a mapping or a file path",

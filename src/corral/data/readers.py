@@ -78,6 +78,11 @@ def _json_error(path: Path, error: json.JSONDecodeError, line: int | None = None
     return DataError(f"{path}:{line}: not valid JSON ({error.msg} at column {error.colno})")
 
 
+def _too_deep(path: Path, line: int) -> DataError:
+    # Python's JSON decoder recurses once per level: a few thousand levels exhaust the stack
+    return DataError(f"{path}:{line}: JSON nested too deeply to read (thousands of levels)")
+
+
 def _check_object(path: Path, line: int, row: object) -> dict:
     if not isinstance(row, dict):
         raise DataError(
@@ -112,6 +117,8 @@ def _json_values(path: Path, text: str, pos: int, in_list: bool) -> Iterator[Row
             row, end = decode(text, pos)
         except json.JSONDecodeError as e:
             raise _json_error(path, e) from None
+        except RecursionError:
+            raise _too_deep(path, line) from None
         yield line, _check_object(path, line, row)
         pos = _WHITESPACE.match(text, end).end()
         if not in_list:
@@ -142,6 +149,8 @@ def _json_lines(path: Path, lines: Iterable[str]) -> Iterator[Row]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise _json_error(path, e, line=number) from None
+        except RecursionError:
+            raise _too_deep(path, number) from None
         yield number, _check_object(path, number, row)
 
 

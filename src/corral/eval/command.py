@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         return _compare(args)
     from corral.eval import run as workflows
     from corral.infer.evaluate import report_markdown
+    from corral.infer.preflight import check_inputs
     from corral.utils.log import get_logger, quiet_libraries
 
     flags = SUBCOMMANDS[args.eval_command][1]
@@ -108,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_command == "generate" and values["temperature"] is None:
         values["temperature"] = 0.0  # evaluation is greedy unless asked otherwise
     config = config_from_args(args, values)
+    check_inputs(config.model, config.data)
     quiet_libraries()
     for note in config.notes:
         get_logger().warning(note)

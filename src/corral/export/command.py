@@ -76,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Merge, check, and write the requested format atomically."""
     from corral.export.export import export
+    from corral.infer.preflight import check_inputs
 
     config = config_from_args(args, {key: getattr(args, key) for key in FLAGS.values()})
     for note in config.notes:
@@ -88,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     if settings.export_device is not None:
         model = replace(model, device="cpu" if settings.export_device == "cpu" else "auto")
     fmt = args.format or ("gguf" if output.lower().endswith(".gguf") else "hf")
+    _check_shard_size(args.max_shard_size)
+    check_inputs(model)
     export(
         model,
         Path(output),
@@ -98,3 +101,17 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     return 0
+
+
+def _check_shard_size(size: str | None) -> None:
+    """--max-shard-size as transformers reads it ("2GB", "500MB", "1GiB"), checked up front."""
+    if size is None:
+        return
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        valid = convert_file_size_to_int(size) > 0
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ConfigError([f"--max-shard-size '{size}': expected a size like 2GB, 500MB or 1GiB"])

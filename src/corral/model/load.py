@@ -15,6 +15,7 @@ Everything is logged to stderr; stdout stays free for answers.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -500,6 +501,8 @@ def attach_adapter(model: Any, adapter: str, source: ModelSource | None = None) 
     recorded = recorded or "an unrecorded base model"
     try:
         return PeftModel.from_pretrained(model, adapter)
+    except pickle.UnpicklingError as err:
+        raise ModelError(_not_plain_tensors(adapter)) from err
     except (RuntimeError, ValueError, KeyError) as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         shapes = [line for line in lines if line.startswith("size mismatch")]
@@ -553,11 +556,27 @@ def _from_pretrained(
     cls = getattr(transformers, auto_class)
     try:
         return cls.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except pickle.UnpicklingError as err:  # transformers loads .bin with weights_only=True
+        raise ModelError(_not_plain_tensors(path)) from err
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not trust_remote_code and "custom code" in reason:
+            raise ModelError(
+                f"'{path}' needs its own Python code to load, and corral runs no code from a "
+                "model folder unless you set trust_remote_code: true; set it only for a model "
+                "whose code you have read and trust"
+            ) from err
         if source is not None and source.kind == "hub":
             raise _hub_error(source, reason) from err
         raise ModelError(f"could not load '{path}': {reason}") from err
+
+
+def _not_plain_tensors(path: str) -> str:
+    return (
+        f"'{path}' holds a pickled checkpoint with more than plain tensors; corral loads only "
+        "safetensors or weights-only pickles, so loading it could run code hidden in the file. "
+        "If you trust its origin, convert it to safetensors first"
+    )
 
 
 def _hub_error(source: ModelSource, reason: str) -> ModelError:

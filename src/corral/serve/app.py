@@ -6,7 +6,9 @@
 Every error is OpenAI's JSON (`{"error": {"message", "type", "param", "code"}}`): 401 for a
 missing or wrong key, 422 for malformed JSON or wrong types, 400 for a prompt that does not fit
 the model's context or tools the request or template cannot use (see `tool_calls`), 413 for an
-oversized body. A client that disconnects (mid-stream, or while waiting for a whole reply)
+oversized body, 429 (with Retry-After) when `max_queue` requests are already in flight, 504
+for a request that runs past `request_timeout` (a stream then ends with an error event, as
+OpenAI's do). A client that disconnects (mid-stream, or while waiting for a whole reply)
 cancels its request, which frees its place in the batch.
 """
 
@@ -40,12 +42,25 @@ from corral.utils.errors import CorralError
 
 MAX_BODY_BYTES = 1 << 20
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks its client is still there
+RETRY_AFTER_S = 1  # what a 429 asks the client to wait: a short reply frees a row in ~1 s
 ERRORS = {
     400: {"model": ErrorResponse},
     401: {"model": ErrorResponse},
     413: {"model": ErrorResponse},
     422: {"model": ErrorResponse},
+    429: {"model": ErrorResponse},
+    504: {"model": ErrorResponse},
 }
+
+
+class RequestTimedOut(Exception):
+    """A request ran past the server's request timeout."""
+
+    def __init__(self, seconds: float):
+        super().__init__(
+            f"the request took longer than the server's --request-timeout of {seconds:g} s; "
+            "ask for fewer max_tokens or retry when the server is less busy"
+        )
 
 
 def create_app(
@@ -54,6 +69,8 @@ def create_app(
     served_model_name: str,
     api_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    max_queue: int | None = None,
+    request_timeout: float | None = None,
 ) -> FastAPI:
     """The API app serving `backend` under the name `served_model_name`.
 
@@ -62,6 +79,9 @@ def create_app(
         served_model_name: the id `/v1/models` lists and responses carry.
         api_key: when set, every /v1 route requires `Authorization: Bearer <api_key>`.
         max_body_bytes: larger request bodies get 413.
+        max_queue: when this many requests (choices) are waiting or generating, new ones get
+            429 with Retry-After; None: no limit.
+        request_timeout: seconds a request may take, waiting included; None: no limit.
     """
     from corral import __version__
 
@@ -76,6 +96,7 @@ def create_app(
     app.state.backend = backend
     app.state.model_name = served_model_name
     app.state.abandoned = 0
+    app.state.max_queue, app.state.request_timeout = max_queue, request_timeout
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     _add_error_handlers(app)
     auth = [Depends(_key_checker(api_key))] if api_key else []
@@ -168,10 +189,18 @@ def _sampling(body: Any, prompt: list[int], limit: int | None, backend: Any) -> 
     ]
 
 
-async def _deltas(app: FastAPI, prompt: list[int], params: list) -> AsyncIterator[tuple]:
-    """(choice index, Delta) as the backend produces them; closing it early (the client went
-    away, or shutdown) cancels the unfinished requests, which frees their rows in the batch."""
-    backend = app.state.backend
+def _admit(app: FastAPI, prompt: list[int], params: list) -> AsyncIterator[tuple]:
+    """Submit the request's choices now (429 when the queue is full) and return their deltas.
+
+    Checking the load and submitting happen with no await between them, so concurrent
+    requests cannot all slip past the check together."""
+    backend, limit = app.state.backend, app.state.max_queue
+    if limit is not None and backend.load() >= limit:
+        raise HTTPException(
+            429,
+            f"the server is busy: {limit} requests are in flight (--max-queue); retry shortly",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
 
@@ -181,10 +210,23 @@ async def _deltas(app: FastAPI, prompt: list[int], params: list) -> AsyncIterato
             loop.call_soon_threadsafe(inbox.put_nowait, (index, item))
 
     handles = [backend.submit(prompt, p, functools.partial(sink, i)) for i, p in enumerate(params)]
+    return _deltas(app, handles, inbox)
+
+
+async def _deltas(app: FastAPI, handles: list, inbox: asyncio.Queue) -> AsyncIterator[tuple]:
+    """(choice index, Delta) as the backend produces them; closing it early (the client went
+    away, or shutdown) or the request timeout cancels the unfinished requests, which frees
+    their rows in the batch."""
+    timeout = app.state.request_timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
     remaining = len(handles)
     try:
         while remaining:
-            index, item = await inbox.get()
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                index, item = await asyncio.wait_for(inbox.get(), left)
+            except TimeoutError:
+                raise RequestTimedOut(timeout) from None
             if isinstance(item, BaseException):
                 raise item
             remaining -= item.finish_reason is not None
@@ -208,7 +250,7 @@ async def _respond(
         "created": int(time.time()),
         "model": app.state.model_name,
     }
-    deltas = _deltas(app, prompt, params)
+    deltas = _admit(app, prompt, params)
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         events = _sse(deltas, meta, len(prompt), plan, usage)
@@ -275,7 +317,10 @@ async def _sse(
     started: set[int] = set()
     used = 0
     try:
-        async for index, delta in deltas:
+        async for index, delta in _ending_in_error_event(deltas):
+            if isinstance(delta, dict):  # the stream failed after it started: say so, and end
+                yield f"data: {json.dumps(delta)}\n\n"
+                return
             if not chat:
                 choices = [
                     {"index": index, "text": delta.text, "finish_reason": delta.finish_reason}
@@ -294,6 +339,19 @@ async def _sse(
         yield "data: [DONE]\n\n"
     finally:
         await deltas.aclose()
+
+
+async def _ending_in_error_event(deltas: AsyncIterator) -> AsyncIterator[tuple]:
+    """`deltas`, then (None, OpenAI's error object) if they fail: once a stream has begun its
+    status is sent, so a timeout or a generation error can only be an event (OpenAI's clients
+    raise it as an APIError)."""
+    try:
+        async for item in deltas:
+            yield item
+    except RequestTimedOut as exc:
+        yield None, _error_body(504, str(exc), "timeout_error")
+    except Exception as exc:  # noqa: BLE001 - one failed generation is reported, not a crash
+        yield None, _error_body(500, f"internal error: {type(exc).__name__}", "server_error")
 
 
 def _chat_chunks(index: int, delta: Delta, calls: CallStream | None, first: bool) -> list[dict]:
@@ -315,22 +373,38 @@ def _chat_chunks(index: int, delta: Delta, calls: CallStream | None, first: bool
     return choices
 
 
-def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": str(status)}}
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body, status_code=status, headers=headers)
+def _error_body(status: int, message: str, kind: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": str(status)}}
+
+
+def _error(
+    status: int, message: str, kind: str, param: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    headers = {**(headers or {}), **({"WWW-Authenticate": "Bearer"} if status == 401 else {})}
+    return JSONResponse(
+        _error_body(status, message, kind, param), status_code=status, headers=headers
+    )
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error in OpenAI's shape."""
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    kinds = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
+    kinds = {
+        401: "authentication_error",
+        404: "not_found_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+    }
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = kinds.get(exc.status_code, "invalid_request_error")
-        return _error(exc.status_code, str(exc.detail), kind)
+        return _error(exc.status_code, str(exc.detail), kind, headers=exc.headers)
+
+    @app.exception_handler(RequestTimedOut)
+    async def timed_out(request: Request, exc: RequestTimedOut) -> JSONResponse:
+        return _error(504, str(exc), "timeout_error")
 
     @app.exception_handler(ParamError)
     async def param_error(request: Request, exc: ParamError) -> JSONResponse:

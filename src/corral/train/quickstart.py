@@ -25,10 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train, then print a side-by-side table of the base and tuned replies."""
     from corral.config import load_config
+    from corral.infer.preflight import check_inputs
     from corral.train.workflow import run_training
 
     path, overrides = split_config_args(args.config_args)
     config = load_config(path or quickstart_config_path(), overrides)
+    check_inputs(config.model, config.data)
     run_training(config)
     show_comparison(config)
     return 0

@@ -10,11 +10,24 @@ from corral.utils.distributed import is_main_process
 _logger = logging.getLogger("corral")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a caller may redirect it), not the one
+    that existed when the logger was first made."""
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def get_logger() -> logging.Logger:
     """The corral logger, writing `corral: message` lines to stderr; in a multi-process run,
     rank 0 alone logs below errors (every process would print the same)."""
     if not _logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[corral] %(message)s"))
         _logger.addHandler(handler)
         _logger.setLevel(logging.INFO if is_main_process() else logging.ERROR)

@@ -39,15 +39,20 @@ def get_template(
     return template
 
 
-def _named_template(name: str | None, tokenizer: PreTrainedTokenizerBase) -> Template:
-    if name is None or name == TOKENIZER_TEMPLATE:
-        return _tokenizer_template(tokenizer)
-    if name not in TEMPLATES:
+def check_template_name(name: str | None) -> None:
+    """Raise the CorralError `get_template` would for an unknown name (no tokenizer needed)."""
+    if name is not None and name != TOKENIZER_TEMPLATE and name not in TEMPLATES:
         raise CorralError(
             f"unknown chat template '{name}'{did_you_mean(name, TEMPLATES)}; set template to one "
             f"of: {', '.join(template_names())}, or leave it empty to use the tokenizer's own "
             "chat template"
         )
+
+
+def _named_template(name: str | None, tokenizer: PreTrainedTokenizerBase) -> Template:
+    if name is None or name == TOKENIZER_TEMPLATE:
+        return _tokenizer_template(tokenizer)
+    check_template_name(name)
     template = TEMPLATES[name]
     return replace(template, stop_words=_resolve_stop_words(template.stop_words, tokenizer))
 
