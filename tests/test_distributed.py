@@ -170,20 +170,30 @@ def test_lora_two_processes_equal_one_with_twice_the_batch_and_resume(
     assert reply.completion_tokens > 0
 
 
+def _eval_losses(out: Path) -> list[float]:
+    lines = (out / callbacks.LOG_FILE).read_text().splitlines()
+    return [json.loads(line)["eval_loss"] for line in lines if '"eval_loss"' in line]
+
+
 @pytest.mark.parametrize(("method", "launcher"), [("full", "torchrun"), ("freeze", "corral")])
-def test_full_and_freeze_two_processes_equal_one(
-    tiny_llama_dir, qa_file, tmp_path, method, launcher
-):
+def test_full_and_freeze_two_processes_equal_one(tiny_llama_dir, tmp_path, method, launcher):
     single, multi = tmp_path / "single", tmp_path / "multi"
-    common = (f"finetuning_type={method}", "max_steps=4")
-    _one_process(_args(tiny_llama_dir, qa_file, single, *common, "per_device_train_batch_size=4"))
+    qa_file = _write_rows(tmp_path / "qa.json", QA * 3)  # 16 to train, 8 to validate
+    common = (f"finetuning_type={method}", "max_steps=4", "val_size=8", "eval_steps=2")
+    # the same global batches in training and in validation (a validation loss is the mean of
+    # its batches' token-normalised losses)
+    one = ("per_device_train_batch_size=4", "per_device_eval_batch_size=8")
+    _one_process(_args(tiny_llama_dir, qa_file, single, *common, *one))
+    two = ("per_device_train_batch_size=2", "per_device_eval_batch_size=4")
     _ok(
         _two_processes(
-            _args(tiny_llama_dir, qa_file, multi, *common, "per_device_train_batch_size=2"),
+            _args(tiny_llama_dir, qa_file, multi, *common, *two),
             launcher=launcher,
         )
     )
     assert _losses(multi) == pytest.approx(_losses(single), rel=1e-5)
+    assert len(_eval_losses(single)) == 2
+    assert _eval_losses(multi) == pytest.approx(_eval_losses(single), rel=1e-5)
     _assert_same_weights(single, multi, "model.safetensors")
     assert _files(multi) == _files(single)
     results = [json.loads((out / "train_results.json").read_text()) for out in (multi, single)]
@@ -229,3 +239,50 @@ def test_bad_data_while_rank_0_tokenises_ends_the_waiting_ranks(tiny_llama_dir, 
     )
     assert result.returncode != 0
     assert "no train examples are left after tokenisation" in result.stderr
+
+
+def test_multi_node_flags_become_torchrun_rendezvous_flags():
+    from corral.cli import build_parser
+    from corral.train.launch import torchrun_command
+
+    parser, _ = build_parser()
+    args = parser.parse_args(
+        ["train", "cfg.yaml", "--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1"]
+        + ["--master-addr", "10.0.0.1"]
+    )
+    assert torchrun_command(args, ["train", "cfg.yaml"]) == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "8",
+        "--nnodes=2",
+        "--node-rank=1",
+        "--master-addr=10.0.0.1",
+        "--master-port=29500",
+        "-m",
+        "corral",
+        "train",
+        "cfg.yaml",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "environment", "message"),
+    [
+        (["--nproc-per-node", "2", "--nnodes", "2"], {}, "--nnodes above 1 needs --master-addr"),
+        (["--nnodes", "2"], {}, "need --nproc-per-node"),
+        (["--nproc-per-node", "two"], {}, "give a positive number"),
+        (["--nproc-per-node", "2"], {"WORLD_SIZE": "2"}, "already runs under a launcher"),
+    ],
+)
+def test_launch_flag_mistakes_are_one_clear_error(
+    tiny_llama_dir, qa_file, tmp_path, monkeypatch, capsys, flags, environment, message
+):
+    from corral.cli import main
+
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    code = main(["train", *_args(tiny_llama_dir, qa_file, tmp_path / "out"), *flags])
+    assert code == 1
+    assert message in capsys.readouterr().err

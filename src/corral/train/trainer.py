@@ -315,14 +315,19 @@ class CorralTrainer(WholeCheckpoints, Trainer):
         # start at the top: it gathers the sharded weights (the LM head's too).
         sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
         if decoder_runs_alone(model) and not sharded:
-            inputs.pop("labels")
-            # the Trainer's bf16/fp16 autocast wraps model.forward, which this path skips
-            with self.accelerator.autocast():
-                hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
-            loss = causal_lm_loss(hidden, labels, model.get_output_embeddings(), num_items_in_batch)
+            loss = self._lm_loss(model, inputs, num_items_in_batch)
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel) and decoder_runs_alone(
+            model.module
+        ):
+            loss = _forward_through(
+                model,
+                lambda **batch: self._lm_loss(model.module, batch, num_items_in_batch),
+                inputs,
+            )
         else:
-            # Wrapped for distributed training (DDP/FSDP/DeepSpeed): the forward must go
-            # through the wrapper for gradient synchronisation, so use the model's own loss.
+            # Sharded engines (DeepSpeed, FSDP) gather weights in their modules' own forward,
+            # which the fused head bypasses, and prompt adapters add their virtual tokens in
+            # peft's forward: use the model's own loss.
             loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         if model.training:
             self.meter.trained_tokens += int((labels[:, 1:] != -100).sum())
@@ -330,6 +335,23 @@ class CorralTrainer(WholeCheckpoints, Trainer):
                 int(real_tokens) if real_tokens is not None else labels.numel()
             )
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _lm_loss(self, model, inputs: dict, num_items_in_batch) -> torch.Tensor:
+        """The fused LM loss on labelled positions, normalised like the Trainer's own loss."""
+        labels = inputs.pop("labels")
+        # the Trainer's bf16/fp16 autocast wraps model.forward, which this path skips
+        with self.accelerator.autocast():
+            hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        loss = causal_lm_loss(hidden, labels, model.get_output_embeddings(), num_items_in_batch)
+        if (
+            num_items_in_batch is not None
+            and self.args.average_tokens_across_devices
+            and self.args.world_size > 1
+        ):
+            # num_items_in_batch counts every process's labels, and the processes' gradients
+            # (and eval losses) are averaged: times N gives one big batch's (as Trainer does)
+            loss = loss * self.accelerator.num_processes
+        return loss
 
     def _compute_stage_loss(self, model, inputs) -> torch.Tensor:
         inputs = dict(inputs)
@@ -404,6 +426,25 @@ def out_of_memory_message(config: CorralConfig, step: int) -> str:
         f"'{config.output.output_dir}' are whole: resume_from_checkpoint=true continues from "
         "the last of them"
     )
+
+
+def _forward_through(wrapper: Any, loss_fn: Callable[..., torch.Tensor], inputs: dict) -> Any:
+    """`loss_fn(**inputs)` run as the wrapped module's forward, called through `wrapper`.
+
+    DDP synchronises gradients for what its own forward ran (it readies its reducer there), so
+    corral's loss, which runs the decoder and the fused head rather than the model's forward,
+    stands in for the module's forward during this one call.
+    """
+    inner = wrapper.module
+    previous = inner.__dict__.get("forward")  # accelerate's autocast puts one there
+    inner.forward = loss_fn
+    try:
+        return wrapper(**inputs)
+    finally:
+        if previous is None:
+            del inner.forward
+        else:
+            inner.forward = previous
 
 
 def peak_memory() -> dict[str, float]:
