@@ -31,9 +31,10 @@ endif
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 # DeepSpeed installs as pure Python (DS_BUILD_OPS=0) and compiles an op the first time it is used;
 # the CPU ops its tests use (shared-memory all-reduce, CPU Adam for ZeRO-Offload) take 1-3 minutes
-# on 2 cores, so they are compiled here, once, and not inside a test's time.
+# on 2 cores, so they are compiled here, once, and not inside a test's time (CPU machines only).
 DS_CPU_OPS := from deepspeed.accelerator import get_accelerator as acc; \
-	[acc().create_op_builder(op).load() for op in ("ShareMemCommBuilder", "CPUAdamBuilder")]
+	acc().device_name() != "cpu" or [acc().create_op_builder(op).load() \
+	for op in ("ShareMemCommBuilder", "CPUAdamBuilder")]
 install-test: install
 	DS_BUILD_OPS=0 CMAKE_ARGS='$(LLAMA_CPP_CMAKE_ARGS)' $(BIN)/pip install -q -e ".[test,llamacpp]"
 	$(BIN)/python -c '$(DS_CPU_OPS)'
