@@ -3,9 +3,11 @@ page driven in a real browser (Debian's chromium through Playwright)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -338,6 +340,18 @@ def test_a_run_stops_with_a_checkpoint_resumes_and_is_found_again(
         "output_dir": str(output),
     }
     store.start("long", overrides)
+    try:
+        _stop_and_resume(store, tmp_path, output)
+    finally:  # never leave a 100000-step run behind a failed assertion
+        pid_file = tmp_path / "saves" / ".webui" / "long.pid"
+        if pid_file.is_file():
+            with contextlib.suppress(OSError):
+                os.killpg(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+
+
+def _stop_and_resume(store, tmp_path: Path, output: Path) -> None:
+    from corral.webui.runs import RunStore
+
     _wait_until(lambda: store.state("long").step >= 2, "the run's second step")
     assert store.state("long").status == "running"
     assert store.stop("long")
