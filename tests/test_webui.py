@@ -3,9 +3,11 @@ page driven in a real browser (Debian's chromium through Playwright)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -136,34 +138,11 @@ def stop_webui(process: subprocess.Popen) -> None:
 
 @pytest.fixture
 def webui(tmp_path, demo_dir):
-    """`corral webui` run from a folder whose data/ is the demo datasets."""
+    """`corral webui --auth me:secret` run from a folder whose data/ is the demo datasets."""
     (tmp_path / "data").symlink_to(demo_dir)
-    process, url = start_webui(tmp_path)
+    process, url = start_webui(tmp_path, "--auth", "me:secret")
     yield url
     stop_webui(process)
-
-
-@pytest.mark.slow
-def test_webui_with_auth_asks_for_the_password(tmp_path):
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    process, url = start_webui(tmp_path, "--auth", "me:secret")
-    try:
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(f"{url}/config", timeout=10)
-        assert refused.value.code == 401
-        for password, status in (("wrong", 400), ("secret", 200)):
-            form_data = urllib.parse.urlencode({"username": "me", "password": password})
-            request = urllib.request.Request(f"{url}/login", data=form_data.encode())
-            try:
-                with urllib.request.urlopen(request, timeout=10) as answer:
-                    assert answer.status == status
-            except urllib.error.HTTPError as exc:
-                assert exc.code == status
-    finally:
-        stop_webui(process)
 
 
 def _wait_for(url: str, process: subprocess.Popen, log) -> None:
@@ -200,14 +179,26 @@ def shoot(page, tmp_path: Path, name: str) -> None:
 
 @pytest.mark.slow
 def test_browser_trains_chats_evaluates_and_exports(webui, tmp_path, tiny_llama_dir):
+    import urllib.error
+    import urllib.request
+
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(30_000)
-        page.goto(webui)
         started = time.monotonic()
+
+        # --auth: nothing but the login form answers until the password is given
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{webui}/config", timeout=10)
+        assert refused.value.code == 401
+        page.goto(webui)
+        page.locator("input:not([type=password]), textarea").first.fill("me")
+        page.locator("input[type=password]").fill("secret")
+        page.get_by_role("button", name="Login").click()
+        expect(page.get_by_role("tab", name="Train")).to_be_visible()
 
         # Train: a config the CLI refuses shows its error, and the page goes on working
         fill(page, "field-model_name_or_path", str(tiny_llama_dir))
@@ -338,6 +329,18 @@ def test_a_run_stops_with_a_checkpoint_resumes_and_is_found_again(
         "output_dir": str(output),
     }
     store.start("long", overrides)
+    try:
+        _stop_and_resume(store, tmp_path, output)
+    finally:  # never leave a 100000-step run behind a failed assertion
+        pid_file = tmp_path / "saves" / ".webui" / "long.pid"
+        if pid_file.is_file():
+            with contextlib.suppress(OSError):
+                os.killpg(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+
+
+def _stop_and_resume(store, tmp_path: Path, output: Path) -> None:
+    from corral.webui.runs import RunStore
+
     _wait_until(lambda: store.state("long").step >= 2, "the run's second step")
     assert store.state("long").status == "running"
     assert store.stop("long")

@@ -175,9 +175,10 @@ def _train_tab(gr: Any, store: runs.RunStore, labels: Labels) -> None:
     )
     log = labels("log", gr.Textbox(label=labels.text("log"), lines=10, elem_id="log"))
 
-    start.click(lambda *v: _start(store, v), inputs, [message, command, run])
+    settled: set[str] = set()  # runs that ended and were drawn (see _tick)
+    start.click(lambda *v: _start(store, v, settled), inputs, [message, command, run])
     stop.click(lambda name: _stop(store, name), run, message)
-    resume.click(lambda name: _resume(store, name), run, [message, command])
+    resume.click(lambda name: _resume(store, name, settled), run, [message, command])
     preview_command.click(lambda *v: _preview_command(store, v), inputs, [message, command])
     preview_data.click(lambda *v: _preview_data(v), inputs, [message, preview])
     save.click(lambda path, *v: _save_config(path, v), [config_path, *inputs], message)
@@ -189,7 +190,7 @@ def _train_tab(gr: Any, store: runs.RunStore, labels: Labels) -> None:
     fields["dataset_dir"].change(
         lambda d: gr.update(choices=_dataset_names(d)), fields["dataset_dir"], fields["dataset"]
     )
-    gr.Timer(REFRESH_SECONDS).tick(lambda name: _show_run(store, name), run, watched)
+    gr.Timer(REFRESH_SECONDS).tick(lambda name: _tick(store, name, settled), run, watched)
 
 
 def _suggestions(store: runs.RunStore, key: str) -> dict[str, Any]:
@@ -223,7 +224,7 @@ def _yaml_and_command(store: runs.RunStore, overrides: dict[str, Any]) -> str:
     return f"# {runs.shown(store.command(name))}\n{text}"
 
 
-def _start(store: runs.RunStore, values: tuple) -> tuple[str, str, Any]:
+def _start(store: runs.RunStore, values: tuple, settled: set[str]) -> tuple[str, str, Any]:
     import gradio as gr
 
     try:
@@ -234,6 +235,7 @@ def _start(store: runs.RunStore, values: tuple) -> tuple[str, str, Any]:
     if name in store.names() and store.state(name).status == "running":
         return f"**{name}** is already running", "", gr.update()
     store.start(name, overrides)
+    settled.discard(name)
     text = _yaml_and_command(store, overrides)
     return f"**{name}**: started", text, gr.update(choices=store.names(), value=name)
 
@@ -244,12 +246,13 @@ def _stop(store: runs.RunStore, name: str | None) -> str:
     return f"**{name}** is not running"
 
 
-def _resume(store: runs.RunStore, name: str | None) -> tuple[str, str]:
+def _resume(store: runs.RunStore, name: str | None, settled: set[str]) -> tuple[str, str]:
     if not name or name not in store.names():
         return "choose a run to resume", ""
     if store.state(name).status == "running":
         return f"**{name}** is already running", ""
     command = store.resume(name)
+    settled.discard(name)
     return f"**{name}**: resumed", runs.shown(command)
 
 
@@ -311,20 +314,42 @@ def _refresh_runs(store: runs.RunStore, name: str | None) -> list[Any]:
 
 
 def _show_run(store: runs.RunStore, name: str | None) -> list[Any]:
-    import pandas as pd
+    """The run's status line, curve and log tail."""
+    return _run_view(store, name)[0]
 
-    empty = pd.DataFrame({"step": [], "value": [], "series": []})
+
+def _run_view(store: runs.RunStore, name: str | None) -> tuple[list[Any], str | None]:
+    """(status line, curve, log tail) of a run, and its status (None: no such run)."""
     if not name or name not in store.names():
-        return ["", empty, ""]
+        return ["", _curve_frame([]), ""], None
     state = store.state(name)
     line = f"**{name}** — {state.status} — step {state.step}/{state.max_steps}"
     if state.eta_seconds is not None:
         line += f" — ETA {int(state.eta_seconds)} s"
     if state.error:
         line += f"\n\n`{state.error}`"
-    rows = store.curves(name)
-    curve = pd.DataFrame(rows) if rows else empty
-    return [line, curve, store.log_tail(name)]
+    return [line, _curve_frame(store.curves(name)), store.log_tail(name)], state.status
+
+
+def _tick(store: runs.RunStore, name: str | None, settled: set[str]) -> list[Any]:
+    """The timer's refresh: a run that has ended is drawn once more, then left alone (redrawing
+    an unchanged plot every tick makes it flicker)."""
+    import gradio as gr
+
+    if name in settled:
+        return [gr.skip()] * 3
+    shown, status = _run_view(store, name)
+    if status not in (None, "running"):
+        settled.add(name)
+    return shown
+
+
+def _curve_frame(rows: list[dict[str, Any]]) -> Any:
+    """The plot's table; series is text even when empty (else the plot takes it for numbers)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=["step", "value", "series"])
+    return frame.astype({"step": "int64", "value": "float64", "series": "string"})
 
 
 # ---------------------------------------------------------------- Chat
