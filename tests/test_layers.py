@@ -20,6 +20,7 @@ LAYERS = {
     "eval": 5,
     "export": 5,
     "chat": 5,
+    "kb": 5,
     "infer": 4,
     "data": 3,
     "model": 3,
