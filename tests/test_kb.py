@@ -400,3 +400,29 @@ def test_pgvector_and_sqlite_rank_alike(docs, tmp_path, monkeypatch):
         assert PostgresStore.names(uri) == []
     finally:
         server.cleanup()
+
+
+@pytest.mark.slow
+def test_eval_scores_answers_of_the_default_model(demo, default_model_dir):
+    from corral.config.fields import GenerationConfig, ModelConfig
+    from corral.infer.engine import ChatEngine
+    from corral.kb.evaluate import evaluate
+
+    engine = ChatEngine(
+        ModelConfig(model_name_or_path=str(default_model_dir)),
+        GenerationConfig(temperature=0, max_new_tokens=40),
+    )
+    questions = [
+        {
+            "question": "What is the access code for the Zorblax vault?",
+            "sources": ["vault.md"],
+            "answer": "7391-QX",
+        },
+        {"question": "What is the capital city of Atlantis?", "sources": ["x.md"], "answer": "Z"},
+    ]
+    report = evaluate(demo, questions, engine)
+    first, second = report["questions"]
+    assert (first["fact_match"], first["mrr"]) == (1.0, 1.0)
+    assert 0 < first["rouge-l"] < 1  # the reply says more than the fact
+    assert (second["reply"], second["fact_match"], second["hit@k"]) == ("I don't know.", 0.0, 0.0)
+    assert report["metrics"]["fact_match"] == 0.5

@@ -21,6 +21,7 @@ LAYERS = {
     "export": 5,
     "vocab": 5,
     "chat": 5,
+    "kb": 5,
     "infer": 4,
     "data": 3,
     "model": 3,

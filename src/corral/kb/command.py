@@ -199,8 +199,9 @@ def _ask(args, config) -> int:
         sources = [h.to_json() for h in hits]
         print(json.dumps({"answer": answer.strip(), "sources": sources}, ensure_ascii=False))
         return 0
-    print("\n\nSources:" if hits else "")
-    print("\n".join(source_lines(hits)))
+    print()
+    if hits:
+        print("\nSources:\n" + "\n".join(source_lines(hits)))
     return 0
 
 
