@@ -178,3 +178,16 @@ def test_fused_ops_leave_quantised_layers_alone_and_the_loss_unchanged(learnable
     assert torch.allclose(plain[0], fused[0], atol=1e-5)
     for a, b in zip(plain[1], fused[1], strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_dora_trains_on_a_quantised_base(learnable_dir):
+    from corral.model.adapters import apply_method
+
+    config = ModelConfig(model_name_or_path=str(learnable_dir), device="cpu", quantization_bit=4)
+    model, _ = load_model(config, for_training=True)
+    model = apply_method(model, load_config(None, ["quantization_bit=4", "use_dora=true"]).method)
+    model.train()
+    model(input_ids=PROMPT, labels=PROMPT).loss.backward()
+    magnitudes = [p.grad for name, p in model.named_parameters() if "magnitude" in name]
+    assert len(magnitudes) == 14  # every linear of the 2 blocks
+    assert all(g is not None and g.abs().sum() > 0 for g in magnitudes)
