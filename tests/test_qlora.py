@@ -50,7 +50,7 @@ def _corral(*args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=900,  # generous: CI machines may be busy
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -103,18 +103,15 @@ def test_qlora_trains_and_exports_into_the_full_precision_base(learnable_dir, tm
     merged = _logits(ModelConfig(model_name_or_path=str(exported), device="cpu"))
     # chat and serve load the full-precision base with the adapter merged: the export's model
     full_plus_adapter = _logits(ModelConfig(adapter_name_or_path=[str(out)], device="cpu"))
+    # the export quantised again: the quantisation error at the trained model's scale
     requantized = _logits(ModelConfig(**{**vars(quantized), "model_name_or_path": str(exported)}))
-    quantization_error = float((quantized_base - base).abs().max())
-    print(
-        f"{bits}-bit: |quantised - full base| {quantization_error:.4f}, "
-        f"|as trained - export| {float((as_trained - merged).abs().max()):.4f}, "
-        f"|quantised export - export| {float((requantized - merged).abs().max()):.4f}, "
-        f"|export - base| {float((merged - base).abs().max()):.4f}, "
-        f"max|export| {float(merged.abs().max()):.4f} max|base| {float(base.abs().max()):.4f}"
-    )
     assert torch.allclose(full_plus_adapter, merged, atol=1e-4)
-    assert float((merged - base).abs().max()) > 10 * quantization_error  # the adapter trained
-    assert float((as_trained - merged).abs().max()) < 3 * quantization_error
+    # the adapter trained: the export moved far beyond the base's own quantisation error
+    assert float((merged - base).abs().max()) > 10 * float((quantized_base - base).abs().max())
+    # the model as trained (quantised base + adapter) differs from the full-precision export by
+    # about what quantising the export does (measured: 0.92x at 4 bits, 0.94x at 8 bits)
+    as_trained_error = float((as_trained - merged).abs().max())
+    assert as_trained_error < 1.5 * float((requantized - merged).abs().max())
 
 
 @pytest.mark.parametrize(
@@ -181,3 +178,16 @@ def test_fused_ops_leave_quantised_layers_alone_and_the_loss_unchanged(learnable
     assert torch.allclose(plain[0], fused[0], atol=1e-5)
     for a, b in zip(plain[1], fused[1], strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_dora_trains_on_a_quantised_base(learnable_dir):
+    from corral.model.adapters import apply_method
+
+    config = ModelConfig(model_name_or_path=str(learnable_dir), device="cpu", quantization_bit=4)
+    model, _ = load_model(config, for_training=True)
+    model = apply_method(model, load_config(None, ["quantization_bit=4", "use_dora=true"]).method)
+    model.train()
+    model(input_ids=PROMPT, labels=PROMPT).loss.backward()
+    magnitudes = [p.grad for name, p in model.named_parameters() if "magnitude" in name]
+    assert len(magnitudes) == 14  # every linear of the 2 blocks
+    assert all(g is not None and g.abs().sum() > 0 for g in magnitudes)
