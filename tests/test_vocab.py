@@ -18,6 +18,10 @@ from corral.vocab.extend import extend_vocabulary
 from llama_cpp_child import llama_cpp_call
 
 DEMO = Path(__file__).resolve().parents[1] / "data"
+needs_llama_cpp = pytest.mark.skipif(
+    not __import__("importlib").util.find_spec("llama_cpp"),
+    reason="llama-cpp-python is not installed (pip install 'corral[llamacpp]'; make test does)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +154,7 @@ def test_a_tokenizer_that_is_neither_kind_is_refused(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.slow
+@needs_llama_cpp
 @pytest.mark.parametrize("model", ["tiny_llama_dir", "llama2_tiny_dir"])
 def test_extended_folder_exports_to_gguf_with_the_same_ids(model, zh_split, tmp_path, request):
     """llama.cpp tokenises Chinese text to the ids the extended tokenizer gives."""
