@@ -15,8 +15,13 @@ from transformers import AutoTokenizer
 
 from corral.utils.errors import ConfigError, DataError
 from corral.vocab.extend import extend_vocabulary
+from llama_cpp_child import llama_cpp_call
 
 DEMO = Path(__file__).resolve().parents[1] / "data"
+needs_llama_cpp = pytest.mark.skipif(
+    not __import__("importlib").util.find_spec("llama_cpp"),
+    reason="llama-cpp-python is not installed (pip install 'corral[llamacpp]'; make test does)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +151,27 @@ def test_a_tokenizer_that_is_neither_kind_is_refused(tiny_llama_dir, tmp_path):
     corpus.write_text("a b c d " * 50)
     with pytest.raises(ConfigError, match="its tokenizer is WordLevel"):
         extend_vocabulary(str(folder), [str(corpus)], 2, str(tmp_path / "out"))
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "llama2_tiny_dir"])
+def test_extended_folder_exports_to_gguf_with_the_same_ids(model, zh_split, tmp_path, request):
+    """llama.cpp tokenises Chinese text to the ids the extended tokenizer gives."""
+    corpus, held_out = zh_split
+    out = tmp_path / "extended"
+    folder = request.getfixturevalue(model)
+    extend_vocabulary(str(folder), [str(corpus)], 200, str(out))
+    gguf = tmp_path / "extended.gguf"
+    done = subprocess.run(
+        [sys.executable, "-m", "corral", "export", "--model", str(out), "--output", str(gguf)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    texts = held_out[:8]
+    expected = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert any(max(ids) >= len(AutoTokenizer.from_pretrained(folder)) for ids in expected)
+    assert llama_cpp_call(gguf, "tokenize", texts=texts) == expected
