@@ -77,6 +77,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=16, help="Most tokens per reply.")
     parser.add_argument("--max-concurrency", type=int, default=8)
     parser.add_argument("--max-queue", type=int, default=32)
+    parser.add_argument("--request-timeout", type=float, default=120.0)
     parser.add_argument("--warmup", type=int, default=48, help="Requests before the first RSS.")
     parser.add_argument("--rss-tolerance", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
@@ -94,7 +95,8 @@ def soak(args: argparse.Namespace) -> dict:
     """Run the soak against a fresh server; return the summary (see `markdown`)."""
     server, url = start_server(args)
     try:
-        with httpx.Client(base_url=url, timeout=120) as client:
+        # the client waits longer than the server's timeout, so a slow reply is the server's 504
+        with httpx.Client(base_url=url, timeout=args.request_timeout + 30) as client:
             run_all(client, args.warmup, args, random.Random(args.seed + 1), time.monotonic() + 600)
             wait_idle(client)
             warm_rss = rss_kib(server.pid)
@@ -123,6 +125,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     environ = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     command = [sys.executable, "-m", "corral", "serve", "--model", args.model, "--port", str(port)]
     command += ["--max-concurrency", str(args.max_concurrency), "--max-queue", str(args.max_queue)]
+    command += ["--request-timeout", str(args.request_timeout)]
     log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - lives as long as the server
     server = subprocess.Popen(command, env=environ, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

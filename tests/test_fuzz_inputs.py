@@ -176,6 +176,7 @@ override_values = (
 )
 
 
+@pytest.mark.slow  # the first config built imports the libraries its checks use
 @FUZZ
 @given(
     overrides=st.lists(

@@ -96,8 +96,8 @@ def test_a_stream_past_the_timeout_ends_with_an_error_event():
 def test_soak_mixed_clients_no_5xx_no_leak(tiny_llama_dir):
     """The bounded soak: 16 clients; every reply complete or a clean error; RSS flat; alive."""
     command = [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--json"]
-    command += ["--model", str(tiny_llama_dir), "--requests", "220", "--clients", "16"]
-    command += ["--max-seconds", "90", "--max-tokens", "8", "--warmup", "33"]
+    command += ["--model", str(tiny_llama_dir), "--requests", "150", "--clients", "16"]
+    command += ["--max-seconds", "60", "--max-tokens", "8", "--warmup", "33"]
     command += ["--max-queue", "24"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.stdout, done.stderr
