@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,3 +61,61 @@ def test_train_benchmark_dpo_smoke(default_model_dir):  # reads data/dpo_en_demo
     real, trained, pairs_per_s = float(row[1]), float(row[2]), float(row[3])
     assert real > trained > 0 and pairs_per_s > 0  # both replies of a pair are counted
     assert abs(float(row[-2]) - math.log(2)) < 0.01  # a fresh adapter: policy = reference
+
+
+SCALE = ROOT / "benchmarks" / "scale.py"
+SCALE_RUNS = (
+    "single-lora",
+    "single-full",
+    "ddp-full",
+    "zero3-offload-full",
+    "fsdp-full",
+    "qlora4-lora",
+    "qlora8-lora",
+)
+
+
+@pytest.mark.slow
+def test_scale_benchmark_cpu_plumbing(default_model_dir, tmp_path):
+    """The GPU scale-out matrix runs end to end on 2 gloo processes and a tiny random Llama:
+    every run is a real `corral train`, and the table lists each with numbers."""
+    done = subprocess.run(
+        [sys.executable, str(SCALE), "--device", "cpu", "--tiny", "--steps", "2", "--out", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    print(done.stdout)
+    results = json.loads((tmp_path / "out" / "scale.json").read_text())["results"]["tiny"]
+    assert list(results) == list(SCALE_RUNS)
+    assert "needs GPUs" in results["fsdp-full"]["skipped"]
+    for name in set(SCALE_RUNS) - {"fsdp-full"}:
+        run = results[name]
+        assert run["real_tok_s"] > 0 and run["rss_peak_mb"] > 0 and len(run["losses"]) == 2
+        assert run["processes"] == (2 if name in ("ddp-full", "zero3-offload-full") else 1)
+        assert run["gpu_peak_mb"] is None  # no GPU: nothing invented
+        assert run["tok_s_ratio"] > 0 and run["memory_ratio"] > 0
+    # the same global batch over 2 processes (DDP, ZeRO-3 + offload) gives the one-process losses
+    for name in ("ddp-full", "zero3-offload-full"):
+        assert results[name]["max_step_loss_diff"] < 1e-3, results[name]
+    assert results["single-full"]["final_loss_diff"] == 0
+    table = (tmp_path / "out" / "scale.md").read_text()
+    for name in set(SCALE_RUNS) - {"fsdp-full"}:
+        [row] = [line for line in table.splitlines() if f"| {name} |" in line]
+        assert re.search(r"\| \d+ \| [\d.]+ \| [\d.]+x \| \d+ \| [\d.]+x \| [\d.]+ \|", row), row
+    assert table in done.stdout
+
+
+def test_scale_benchmark_without_a_gpu_says_how_to_check_on_cpu():
+    done = subprocess.run(
+        [sys.executable, str(SCALE)],
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    assert "found no CUDA device" in done.stderr
+    assert "--device cpu --tiny" in done.stderr

@@ -132,6 +132,7 @@ def _check_quantization(config: CorralConfig) -> list[str]:
             "pissa_init with quantization_bit: PiSSA's start is taken from the full-precision "
             "weights, which a quantised base no longer holds; use one or the other"
         )
+    return problems
 
 
 # Virtual tokens are trained where a plain causal-LM forward is the loss. dpo/kto's reference
