@@ -177,10 +177,10 @@ def test_add_indexes_folders_and_counts_skips(added, env):
 def demo(added, env, monkeypatch_module):
     """The knowledge base the `kb add` subprocess built, opened in this process."""
     from corral.config.parse import load_config
-    from corral.kb.command import open_kb
+    from corral.kb.answer import open_kb
 
     monkeypatch_module.setenv("CORRAL_HOME", env["CORRAL_HOME"])
-    kb = open_kb("demo", load_config())
+    kb = open_kb("demo", load_config().kb)
     yield kb
     kb.store.close()
 

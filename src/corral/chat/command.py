@@ -4,11 +4,14 @@
     corral chat --adapter saves/quickstart       # a tuned adapter with its base and template
     corral chat --prompt "Who are you?" --temperature 0    # one reply on stdout, for scripts
     corral chat --template qwen --tools tools.json  # the model may call the tools in the file
+    corral chat --kb notes                       # answers from a knowledge base, with sources
 
 In the interactive session `/clear` forgets the history, `/exit` (or Ctrl-D) quits, and Ctrl-C
 stops the reply being written without ending the session. With `--tools` (a JSON file holding an
 OpenAI `tools` list), a reply that calls a tool is shown as `→ get_weather({"city": "Paris"})`,
 and `/tool TEXT` answers the oldest unanswered call as the tool would; the model then goes on.
+With `--kb NAME` every question is answered as `corral kb ask` answers it (the relevant
+passages put before it, or "I don't know" without asking the model), then its sources listed.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import uuid
 from pathlib import Path
 
 from corral.config.cli_args import add_config_args, config_from_args
+from corral.kb.command import ANSWER as KB_FLAGS
+from corral.kb.command import add_answer_arguments
 
 # flag -> config key; help comes from the config field so it is written once.
 FLAGS = {
@@ -58,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="A JSON file with OpenAI tool definitions (a `tools` list) the model may call; "
         "calls are shown as → name(arguments) and answered with /tool TEXT.",
     )
+    add_answer_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,9 +74,13 @@ def run(args: argparse.Namespace) -> int:
     from corral.utils.log import get_logger, quiet_libraries
 
     quiet_libraries()
-    config = config_from_args(args, {key: getattr(args, key) for key in FLAGS.values()})
+    keys = [*FLAGS.values(), *KB_FLAGS.values()]
+    config = config_from_args(args, {key: getattr(args, key) for key in keys})
     for note in config.notes:
         get_logger().warning(note)
+    if args.tools and args.kb:
+        raise CorralError("--kb and --tools cannot be used together: choose one")
+    kb = _open_kb(args.kb, config.kb) if args.kb else None  # before the model is touched
     check_inputs(config.model)
     if args.tools and not Path(args.tools).is_file():
         raise CorralError(f"--tools {args.tools}: no such file")
@@ -78,14 +88,36 @@ def run(args: argparse.Namespace) -> int:
     tools = read_tools(args.tools, engine.template) if args.tools else None
     if args.prompt is not None:
         text = ""
-        for piece in engine.stream([{"role": "user", "content": args.prompt}], tools=tools):
+        pieces, hits = _stream(engine, [{"role": "user", "content": args.prompt}], tools, kb)
+        for piece in pieces:
             text += piece
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        _print_sources(hits)
         _assistant_turn(engine, text, tools)
         return 0
-    return interactive(engine, tools)
+    return interactive(engine, tools, kb)
+
+
+def _open_kb(name: str, settings):
+    from corral.kb.answer import open_kb
+
+    return open_kb(name, settings)
+
+
+def _stream(engine, messages: list[dict], tools: list[dict] | None, kb, **overrides):
+    """The reply's pieces and, with a knowledge base, the passages it was given."""
+    if kb is None:
+        return engine.stream(messages, tools=tools, **overrides), []
+    return kb.answer(lambda: engine, messages, **overrides)
+
+
+def _print_sources(hits: list) -> None:
+    from corral.kb.answer import source_lines
+
+    if hits:
+        print("\nSources:\n" + "\n".join(source_lines(hits)), flush=True)
 
 
 def read_tools(path: str, template) -> list[dict]:
@@ -112,11 +144,13 @@ def read_tools(path: str, template) -> list[dict]:
     return tools
 
 
-def interactive(engine, tools: list[dict] | None = None) -> int:
-    """The read-reply loop; returns the exit code."""
+def interactive(engine, tools: list[dict] | None = None, kb=None) -> int:
+    """The read-reply loop (answering from `kb` when given); returns the exit code."""
     print(
         f"corral chat — {engine.model_config.model_name_or_path} ({engine.template.name} template)"
     )
+    if kb is not None:
+        print(f"answering from knowledge base '{kb.store.name}' ({kb.store.describe()})")
     print(HELP + (f"; {TOOL_HELP}" if tools else ""))
     history: list[dict] = []
     unanswered: list[str] = []  # ids of the last reply's tool calls, oldest first
@@ -143,7 +177,7 @@ def interactive(engine, tools: list[dict] | None = None) -> int:
             history.append(turn)
             print(f"(answered; {len(unanswered)} call(s) left)")
             continue
-        reply = _reply(engine, [*history, turn], tools)
+        reply = _reply(engine, [*history, turn], tools, kb)
         if reply is not None:
             history += [turn, reply]
             unanswered = [call["id"] for call in reply.get("tool_calls", [])]
@@ -182,15 +216,16 @@ def _assistant_turn(engine, text: str, tools: list[dict] | None) -> dict:
     return {"role": "assistant", "content": content, "tool_calls": wire}
 
 
-def _reply(engine, messages: list[dict], tools: list[dict] | None) -> dict | None:
+def _reply(engine, messages: list[dict], tools: list[dict] | None, kb=None) -> dict | None:
     """Stream one reply and return it as a history turn; Ctrl-C ends it early and keeps what
-    was written; None on error."""
+    was written; None on error. With `kb`, the reply is from its passages and their sources
+    are listed after it; the history keeps the question as typed."""
     from corral.utils.errors import CorralError
 
     stop = threading.Event()
     text = ""
     print("Assistant: ", end="", flush=True)
-    stream = engine.stream(messages, tools=tools, stop_event=stop)
+    stream, hits = _stream(engine, messages, tools, kb, stop_event=stop)
     while True:
         try:
             piece = next(stream)
@@ -206,4 +241,5 @@ def _reply(engine, messages: list[dict], tools: list[dict] | None) -> dict | Non
         text += piece
         print(piece, end="", flush=True)
     print()
+    _print_sources(hits)
     return _assistant_turn(engine, text, tools)

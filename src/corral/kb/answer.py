@@ -49,12 +49,34 @@ class KnowledgeBase:
         """The reply to the conversation `messages` (its last turn is the question), streamed,
         and the passages it was given (empty: the reply is kb_no_answer, and `engine`, which
         returns the ChatEngine, is not called)."""
+        grounded, hits = self.ground(messages)
+        if not hits:
+            return iter([self.no_answer(messages[-1]["content"])]), []
+        return engine().stream(grounded, **overrides), hits
+
+    def ground(self, messages: list[dict]) -> tuple[list[dict], list[Hit]]:
+        """`messages` with its last turn (the question) replaced by the prompt that puts the
+        relevant passages before it, and those passages; with none, `messages` unchanged and
+        no hits (the caller answers kb_no_answer without asking the model)."""
         question = messages[-1]["content"]
         hits = self.relevant(self.search(question))
         if not hits:
-            return iter([self.no_answer(question)]), []
-        turn = {"role": "user", "content": self.prompt(question, hits)}
-        return engine().stream([*messages[:-1], turn], **overrides), hits
+            return messages, []
+        turn = {**messages[-1], "content": self.prompt(question, hits)}
+        return [*messages[:-1], turn], hits
+
+
+def open_kb(name: str, settings) -> KnowledgeBase:
+    """The knowledge base `name`, connected, with the embedder it was built with (`settings`:
+    the config's `KbConfig`).
+
+    Raises:
+        CorralError: no such knowledge base, or its store cannot be reached.
+    """
+    from corral.kb.store import open_store
+
+    store = open_store(name, settings.kb_store).connect()
+    return KnowledgeBase(store, Embedder(store.meta()["embedding_model"]), settings)
 
 
 def source_lines(hits: list[Hit]) -> list[str]:

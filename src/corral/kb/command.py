@@ -33,6 +33,25 @@ ASK = {
     "--threshold": "kb_score_threshold",
 }
 
+# the kb flags of `corral chat --kb` and `corral serve --kb`
+ANSWER = {
+    "--kb-store": "kb_store",
+    "--kb-top-k": "kb_top_k",
+    "--kb-threshold": "kb_score_threshold",
+}
+
+
+def add_answer_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--kb NAME` and the kb settings, for the commands that can answer from a knowledge base
+    (their values reach the config through `ANSWER`'s keys)."""
+    parser.add_argument(
+        "--kb",
+        metavar="NAME",
+        default=None,
+        help="Answer from this knowledge base (built with `corral kb add NAME PATH`), with sources.",
+    )
+    _add_flags(parser, ANSWER)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The kb sub-commands and their flags."""
@@ -150,20 +169,10 @@ def _rm(args, config) -> int:
     return 0
 
 
-def open_kb(name: str, config):
-    """The knowledge base `name`, connected, with the embedder it was built with."""
-    from corral.kb.answer import KnowledgeBase
-    from corral.kb.embed import Embedder
-    from corral.kb.store import open_store
-
-    store = open_store(name, config.kb.kb_store).connect()
-    return KnowledgeBase(store, Embedder(store.meta()["embedding_model"]), config.kb)
-
-
 def _search(args, config) -> int:
-    from corral.kb.answer import source_lines
+    from corral.kb.answer import open_kb, source_lines
 
-    kb = open_kb(args.name, config)
+    kb = open_kb(args.name, config.kb)
     hits = kb.search(args.query, args.k)
     if args.json:
         print(
@@ -180,9 +189,9 @@ def _search(args, config) -> int:
 
 def _ask(args, config) -> int:
     from corral.infer.engine import ChatEngine
-    from corral.kb.answer import source_lines
+    from corral.kb.answer import open_kb, source_lines
 
-    kb = open_kb(args.name, config)
+    kb = open_kb(args.name, config.kb)
     question = [{"role": "user", "content": args.question}]
     pieces, hits = kb.answer(
         lambda: ChatEngine(config.model, config.generation),
@@ -206,10 +215,11 @@ def _ask(args, config) -> int:
 
 
 def _eval(args, config) -> int:
+    from corral.kb.answer import open_kb
     from corral.kb.evaluate import evaluate, read_questions
 
     questions = read_questions(args.questions)
-    kb = open_kb(args.name, config)
+    kb = open_kb(args.name, config.kb)
     engine = None
     if not args.retrieval_only:
         from corral.infer.engine import ChatEngine

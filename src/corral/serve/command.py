@@ -3,6 +3,7 @@
     corral serve                                   # the default model on 127.0.0.1:8000
     corral serve --adapter saves/quickstart        # a tuned adapter with its base and template
     corral serve --backend llamacpp --model model.gguf --port 8080 --api-key secret
+    corral serve --kb notes                        # chat answers from a knowledge base
 
 Then point any OpenAI client at http://127.0.0.1:8000/v1. The key may also come from
 `CORRAL_API_KEY`. SIGTERM or Ctrl-C stops accepting requests, lets running ones finish for a
@@ -12,6 +13,9 @@ Every option, the address included, is checked before the model loads: the port 
 first, so a port in use is a one-line error in a second, not after a minute of loading.
 Under load, `--max-queue` caps the requests in flight (more get 429 with Retry-After) and
 `--request-timeout` ends a request that takes longer (504, or an error event mid-stream).
+With `--kb NAME` a chat completion answers its last user message as `corral kb ask` does, and
+the response carries the passages used in an extra `sources` field (streaming: on the chunk
+that ends each choice); see `corral.serve.knowledge`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import signal
 import socket
 
 from corral.config.cli_args import add_config_args, config_from_args
+from corral.kb.command import ANSWER as KB_FLAGS
+from corral.kb.command import add_answer_arguments
 
 # flag -> config key; help comes from the config field so it is written once.
 FLAGS = {
@@ -89,6 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Seconds one request may wait and generate before it is ended with a 504, or an "
         "error event when streaming (default 600).",
     )
+    add_answer_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     from corral.utils.log import get_logger
 
     _check_numbers(args)
-    config = config_from_args(args, {key: getattr(args, key) for key in FLAGS.values()})
+    keys = [*FLAGS.values(), *KB_FLAGS.values()]
+    config = config_from_args(args, {key: getattr(args, key) for key in keys})
     require("fastapi")
     uvicorn = require("uvicorn")
     from corral.infer.preflight import check_inputs
@@ -114,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
             f"--host {args.host} without an API key: anyone who can reach this machine can use "
             "the model; set --api-key or CORRAL_API_KEY"
         )
+    kb = _open_kb(args.kb, config.kb) if args.kb else None  # before the slow model load
     if args.backend == "hf":  # llamacpp and vllm check their own model argument
         check_inputs(config.model)
     listener = _bind(args.host, args.port)  # before the slow load: a busy port fails now
@@ -127,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=api_key,
         max_queue=args.max_queue,
         request_timeout=args.request_timeout,
+        kb=kb,
     )
     get_logger().info(f"serving '{name}' ({args.backend}) on http://{args.host}:{args.port}/v1")
     # uvicorn shuts down gracefully on SIGTERM, then re-sends it to the previous handler; this
@@ -137,6 +147,12 @@ def run(args: argparse.Namespace) -> int:
     )
     server.run(sockets=[listener])
     return 0
+
+
+def _open_kb(name: str, settings):
+    from corral.serve.knowledge import ServedKb
+
+    return ServedKb(name, settings)
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
