@@ -37,7 +37,7 @@ ASK = {
 ANSWER = {
     "--kb-store": "kb_store",
     "--kb-top-k": "kb_top_k",
-    "--kb-threshold": "kb_score_threshold",
+    "--kb-score-threshold": "kb_score_threshold",
 }
 
 
