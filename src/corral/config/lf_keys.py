@@ -95,7 +95,7 @@ HARMLESS_KEYS = frozenset(
         "hub_revision",
         "export_hub_model_id",
         "max_length",  # generation: max_new_tokens, which corral always sets, takes precedence
-        # one process here: distributed launch settings
+        # distributed launch plumbing (the launcher's, not what is trained)
         "ddp_timeout",
         "ddp_backend",
         "ddp_find_unused_parameters",
@@ -130,8 +130,8 @@ _QLORA = (
     "model is not built"
 )
 _DISTRIBUTED = (
-    "multi-process and sharded training are not built yet (issue 'Scale out'); corral "
-    "trains in one process"
+    "accelerate's own plugin settings are not read; launch with corral train --nproc-per-node "
+    "or torchrun, and shard with the deepspeed or fsdp/fsdp_config keys"
 )
 _VOCAB = (
     "adding a list of tokens is not built yet; to learn new tokens from a corpus (with their "
