@@ -5,7 +5,7 @@
 POINT: `tokenise` (after the train split is written to the dataset cache's temporary folder,
 before its stats), `save` (after checkpoint-STEP's model and optimizer are written, before its
 trainer state), `step` (inside step STEP: after its forward pass, before the optimizer step),
-or `none` (run to the end). SIGKILL, as a scheduler or the OOM killer sends it: no handler,
+`final` (after training, as the final outputs are written), or `none` (run to the end). SIGKILL, as a scheduler or the OOM killer sends it: no handler,
 no cleanup, no flushing runs.
 """
 
@@ -54,6 +54,13 @@ def _kill_at(point: str, step: int) -> None:
             return loss
 
         CorralTrainer.compute_loss = compute_then_die
+    elif point == "final":
+        import corral.train.workflow as workflow
+
+        def die_instead(*args, **kwargs):
+            _die()
+
+        workflow.save_final = die_instead
     elif point != "none":
         raise SystemExit(f"unknown kill point {point}")
 

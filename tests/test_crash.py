@@ -133,6 +133,10 @@ def _kill_and_rerun(args: list[str], out: Path, kills: list[tuple[str, int]], rn
             code, output = _finish(_train_child(point, step, args))
             assert code == -signal.SIGKILL, output
         _assert_recoverable(out, f"after a kill {point} {step}")
+    if (out / "train_results.json").is_file():  # the random kill came after the run finished
+        with pytest.raises(CorralError, match="holds a finished run"):
+            run_training(load_config(None, args))
+        return
     code, output = _finish(_train_child("none", 0, args))
     assert code == 0, output
     assert "Traceback" not in output, output
@@ -186,6 +190,9 @@ def test_lora_run_killed_four_times_ends_as_an_uninterrupted_run(
     run_training(load_config(None, _args(tiny_llama_dir, sft_file, reference)))
     _assert_same_run(out, reference, "adapter_model.safetensors")
     assert not list(out.glob(".tmp-*"))
+    # the same command after the run finished: nothing to resume, and no step trained again
+    with pytest.raises(CorralError, match="holds a finished run"):
+        run_training(load_config(None, args))
 
 
 @pytest.mark.slow
@@ -196,7 +203,9 @@ def test_full_run_killed_mid_save_and_mid_step_ends_as_an_uninterrupted_run(
     args = _args(
         tiny_llama_dir, sft_file, out, "finetuning_type=full", "resume_from_checkpoint=auto"
     )
-    _kill_and_rerun(args, out, [("save", 3), ("step", 8)], random.Random(0))
+    # the last kill leaves checkpoint-9 (= max_steps) without the final outputs: the rerun
+    # writes them and trains no step past max_steps
+    _kill_and_rerun(args, out, [("save", 3), ("step", 8), ("final", 0)], random.Random(0))
     reference = tmp_path / "reference"
     run_training(
         load_config(None, _args(tiny_llama_dir, sft_file, reference, "finetuning_type=full"))

@@ -376,8 +376,9 @@ class TrainConfig:
     )
     resume_from_checkpoint: str | None = opt(
         None,
-        "Resume: true (the latest checkpoint in output_dir), auto (resume if output_dir holds "
-        "a checkpoint, else start: rerun the same command after a crash), or a checkpoint folder.",
+        "Resume: true (the latest checkpoint in output_dir), auto (resume an interrupted run "
+        "if output_dir holds a checkpoint, else start: rerun the same command after a crash), or "
+        "a checkpoint folder.",
     )
     stop_check_samples: int = opt(
         8, "After sft, prompts generated greedily to measure the stop rate (0 disables).", ge=0

@@ -34,7 +34,13 @@ def prepare_output_dir(config: CorralConfig) -> str | None:
     """
     out = Path(config.output.output_dir)
     resume = config.train.resume_from_checkpoint
-    if resume == "auto":  # resume when there is something to resume, else start
+    if resume == "auto":  # resume an interrupted run, else start
+        if (out / FINISHED_FILE).is_file():
+            raise CorralError(
+                f"output_dir '{out}' holds a finished run ({FINISHED_FILE}), so "
+                "resume_from_checkpoint: auto has nothing to resume; set "
+                "overwrite_output_dir=true to train it again, or choose another output_dir"
+            )
         resume = "true" if _last_checkpoint(out) else None
     if resume is not None:
         checkpoint = _checkpoint_to_resume(out, resume)

@@ -190,6 +190,15 @@ class WholeCheckpoints:
     for anyone else's `get_last_checkpoint`; a full disk is reported naming the folder.
     """
 
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102
+        # A run killed while writing its final outputs left a checkpoint at max_steps: resuming
+        # it must only write them, but transformers' loop trains a batch before it checks
+        # max_steps (a step max_steps + 1). Stop before any step instead.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
+
     def _save_checkpoint(self, model, trial):  # noqa: D102
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 

@@ -30,7 +30,7 @@ from corral.model.fused import fuse_for_training
 from corral.model.load import load_model, resolve_base_for_adapters
 from corral.model.reward import use_pooling_pad
 from corral.train.callbacks import InterruptCallback, JsonlLogCallback, ProgressCallback
-from corral.train.outputs import CONFIG_FILE, prepare_output_dir, save_final
+from corral.train.outputs import CONFIG_FILE, checkpoint_step, prepare_output_dir, save_final
 from corral.train.plot import plot_loss
 from corral.train.stages import get_stage
 from corral.train.trainer import (
@@ -123,6 +123,8 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
             f"{config.output.output_dir}. Resume with resume_from_checkpoint=true"
         )
         raise KeyboardInterrupt
+    if resume is not None and trainer.state.global_step == checkpoint_step(resume):
+        result.metrics.pop("train_loss", None)  # no step ran: transformers' mean would say 0.0
     result.metrics["preprocessing_seconds"] = round(preprocessing_seconds, 3)
     # saved in the dtype it was loaded in (DeepSpeed and FSDP keep sharded weights in theirs)
     sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
