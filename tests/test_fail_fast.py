@@ -26,6 +26,7 @@ DEMO = ["--dataset-dir", str(DATA), "--dataset", "alpaca_en_demo"]
 MC_SAMPLE = SRC / "corral" / "resources" / "mc_sample"
 # options whose every value is valid (text or an output path), so no value can be wrong
 FREE_TEXT = {"--system", "--prompt", "--api-key", "--served-model-name", "--output", "--json"}
+FREE_TEXT |= {"--runs-dir"}  # the web UI's output folder: any path is one
 NAMES = {"--template", "--dataset", "--split", "--lang", "--device", "--subjects", "--backend"}
 NAMES |= {"--format", "--quant", "--dtype"}
 PATHS = {"--model", "--adapter", "--dataset-dir", "--task-dir", "--tools", "--input"}

@@ -23,9 +23,10 @@ def run(args: argparse.Namespace) -> int:
     """Build the config and run the training workflow (in N processes with --nproc-per-node)."""
     from corral.infer.preflight import check_inputs
 
-    config = config_from_args(args)  # config errors first, once, before the slow imports
+    launch = wants_launch(args)  # the command line's own mistakes first
+    config = config_from_args(args)  # then the config's, once, before the slow imports
     check_inputs(config.model, config.data)  # then the model, template and datasets exist
-    if wants_launch(args):
+    if launch:
         relaunch(args, [*(["--debug"] if args.debug else []), "train", *args.config_args])
     from corral.train.workflow import run_training
 

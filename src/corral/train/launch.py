@@ -39,6 +39,13 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
 
 def wants_launch(args: argparse.Namespace) -> bool:
     """Whether the command line asks corral to start the processes itself."""
+    if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise CorralError(
+            f"--nnodes {args.nnodes} --node-rank {args.node_rank}: give --nnodes of 1 or more "
+            "and a --node-rank from 0 to nnodes - 1"
+        )
+    if args.master_port is not None and not 1 <= args.master_port <= 65535:
+        raise CorralError(f"--master-port {args.master_port}: give a port from 1 to 65535")
     multi_node = args.nnodes > 1 or args.master_addr is not None or args.master_port is not None
     if args.nproc_per_node is None:
         if multi_node or args.node_rank != 0:

@@ -77,6 +77,8 @@ def check_port_free(host: str, port: int) -> None:
     """Fail with one line, as the CLI does, when the address cannot be bound."""
     from corral.utils.errors import CorralError
 
+    if not 0 <= port <= 65535:
+        raise CorralError(f"--port {port}: give a port from 0 to 65535")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:
