@@ -94,12 +94,17 @@ def pass_virtual_tokens_to_generate(model: Any) -> Any:
     it injects the prefix under a name the model ignores (the reply is the base model's) and
     re-injects prompt tuning's embeddings at every step. Under the old name for peft and the
     new one for the model, generation matches the forward that training ran
-    (tests/test_prefix.py fails when either library changes this).
+    (tests/test_prefix.py fails when either library changes this). peft 0.22 reads the
+    model's own name (`get_transformers_cache_name`), so it needs nothing.
     """
+    import importlib
     import inspect
 
     if not is_prompt_model(model):
         return model
+    peft_import_utils = importlib.import_module("peft.import_utils")
+    if hasattr(peft_import_utils, "get_transformers_cache_name"):
+        return model  # peft 0.22+ injects under the model's own name
     base_prepare = model.base_model_prepare_inputs_for_generation
     if "cache" not in inspect.signature(base_prepare).parameters:
         return model  # the names agree
