@@ -119,3 +119,63 @@ def test_scale_benchmark_without_a_gpu_says_how_to_check_on_cpu():
     assert done.returncode == 1
     assert "found no CUDA device" in done.stderr
     assert "--device cpu --tiny" in done.stderr
+
+
+def _run_benchmark(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    print(done.stdout)
+    return done.stdout
+
+
+def _table(out: str) -> dict[str, list[str]]:
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+@pytest.mark.slow
+def test_methods_benchmark_trains_each_method_chosen(tiny_llama_dir):
+    out = _run_benchmark(
+        "methods.py",
+        "--model",
+        str(tiny_llama_dir),
+        "--only",
+        "lora,prompt",
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+    )
+    table = _table(out)
+    assert set(table) == {"lora", "prompt"}
+    for params, speed, memory in table.values():
+        assert int(params.split()[0].replace(",", "")) > 0
+        assert float(speed) > 0 and float(memory) > 0
+
+
+@pytest.mark.slow
+def test_vocab_benchmark_reports_before_and_after(tiny_llama_dir):
+    out = _run_benchmark(
+        "vocab.py",
+        "--model",
+        str(tiny_llama_dir),
+        "--add",
+        "50",
+        "--corpus-records",
+        "100",
+        "--pt-records",
+        "16",
+        "--cutoff",
+        "128",
+    )
+    table = _table(out)
+    assert set(table) == {"before", "after"}
+    before, after = ([float(c) for c in table[k]] for k in ("before", "after"))
+    assert after[0] < before[0]  # fewer tokens per character
+    assert all(math.isfinite(v) and v > 0 for v in before + after)
+    assert "50 tokens added" in out and "fewer tokens" in out

@@ -321,6 +321,18 @@ def test_stop_rate_is_reported_and_warns(tiny_llama_dir, sft_file, tmp_path, cap
     assert "the tuned model often does not stop" in caplog.text
 
 
+def test_stop_check_replies_fit_the_model_context(tiny_llama_dir, tmp_path):
+    """A reply budget of twice a long reference (cutoff_len 512, the tiny model's whole
+    context) is capped by the context: the run finishes instead of failing after training."""
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps([{"instruction": "Say more.", "output": "word " * 300}] * 4))
+    out = tmp_path / "out"
+    metrics = run_training(
+        _config(tiny_llama_dir, data, out, "max_steps=1", "cutoff_len=512", "stop_check_samples=2")
+    )
+    assert metrics["stop_rate_samples"] == 2 and metrics["stop_rate"] == 0.0
+
+
 def test_a_new_adapter_on_an_sft_adapter_loads_with_it(tiny_llama_dir, sft_file, tmp_path):
     """create_new_adapter merges the sft adapter and trains a new one; naming the new adapter
     alone loads the chain (its run info records the adapter under it), as training saw it."""

@@ -175,3 +175,89 @@ def test_extended_folder_exports_to_gguf_with_the_same_ids(model, zh_split, tmp_
     expected = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     assert any(max(ids) >= len(AutoTokenizer.from_pretrained(folder)) for ids in expected)
     assert llama_cpp_call(gguf, "tokenize", texts=texts) == expected
+
+
+@pytest.mark.slow
+def test_extended_folder_trains_its_new_rows_then_chats_and_serves(
+    zh_split, tiny_llama_dir, tmp_path
+):
+    """pt with LoRA and additional_target trains the new rows; chat and serve (the openai
+    client) load the trained adapter with the extended tokenizer."""
+    import openai
+
+    from test_serve import start_server, stop_server
+
+    corpus, held_out = zh_split
+    extended = tmp_path / "extended"
+    report = extend_vocabulary(str(tiny_llama_dir), [str(corpus)], 100, str(extended))
+    records = json.loads(corpus.read_text())[:16]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "zh.jsonl").write_text(
+        "".join(json.dumps({"text": r["output"]}, ensure_ascii=False) + "\n" for r in records)
+    )
+    info = {"zh": {"file_name": "zh.jsonl", "columns": {"prompt": "text"}}}
+    (data / "dataset_info.json").write_text(json.dumps(info))
+    adapter = tmp_path / "pt-lora"
+    keys = [
+        "stage=pt",
+        f"model_name_or_path={extended}",
+        "finetuning_type=lora",
+        "additional_target=embed_tokens,lm_head",
+        "dataset=zh",
+        f"dataset_dir={data}",
+        "cutoff_len=128",
+        "max_steps=3",
+        "learning_rate=1e-2",
+        f"output_dir={adapter}",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "corral", "train", *keys],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    # the new rows moved away from their mean-of-parts start, in the embeddings and the head
+    start = load_file(extended / "model.safetensors")
+    trained = load_file(adapter / "adapter_model.safetensors")
+    new_rows = slice(report.first_id, report.first_id + report.added)
+    for module in ("embed_tokens", "lm_head"):
+        (name,) = [n for n in trained if n.endswith(f"{module}.weight")]  # modules_to_save
+        (old,) = [n for n in start if module in n]
+        assert trained[name].shape == start[old].shape
+        assert not torch.allclose(trained[name][new_rows], start[old][new_rows])
+
+    prompt = held_out[0][:40]
+    tokenizer = AutoTokenizer.from_pretrained(extended)
+    chat = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "corral",
+            "chat",
+            "--adapter",
+            str(adapter),
+            "--prompt",
+            prompt,
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+    process, url = start_server("--adapter", str(adapter), "--served-model-name", "zh")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        reply = client.completions.create(model="zh", prompt=prompt, max_tokens=8, temperature=0)
+    finally:
+        stop_server(process)
+    # the server counts the prompt in the extended tokenizer's ids
+    assert reply.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
+    assert reply.usage.prompt_tokens < len(
+        AutoTokenizer.from_pretrained(tiny_llama_dir)(prompt)["input_ids"]
+    )

@@ -19,15 +19,19 @@ def stop_rate(engine: ChatEngine, records: list, samples: int, cutoff_len: int) 
     """Greedy replies to the first `samples` prompts; the fraction that end on a stop token.
 
     A reply may be up to twice its reference's length (at most cutoff_len tokens): one that
-    has not stopped by then is counted as not stopping.
+    has not stopped by then is counted as not stopping; the model's context caps it too.
     """
     chosen = [r for r in records if r.messages and r.messages[-1]["role"] == "assistant"][:samples]
     if not chosen:
         return {}
-    prompts = [r.to_messages()[:-1] for r in chosen]
+    prompts = [engine.prompt_ids(r.to_messages()[:-1]) for r in chosen]
     longest = max(len(engine.tokenizer(r.messages[-1]["content"])["input_ids"]) for r in chosen)
     budget = min(cutoff_len, 2 * longest + 16)
-    replies = engine.generate_batch(prompts, temperature=0.0, max_new_tokens=budget)
+    if engine.context_len:  # no reply can run past the model's positions
+        budget = min(budget, engine.context_len - max(len(ids) for ids in prompts))
+        if budget < 1:
+            return {}
+    replies = engine.generate_ids(prompts, temperature=0.0, max_new_tokens=budget)
     rate = sum(reply.finish_reason == "stop" for reply in replies) / len(replies)
     log = get_logger()
     log.info(
