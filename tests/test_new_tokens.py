@@ -19,6 +19,7 @@ from corral.config.parse import build_config
 from corral.model.adapters import apply_method
 from corral.model.load import load_model
 from corral.utils.errors import ConfigError, ModelError
+from llama_cpp_child import llama_cpp_call
 
 THINK = ["<think>", "</think>"]
 
@@ -94,6 +95,12 @@ def test_lora_trains_the_new_rows_and_the_output_exports_and_loads(
     assert AutoTokenizer.from_pretrained(exported).encode("<think>", add_special_tokens=False) == [
         old
     ]
+
+    gguf = tmp_path / "merged.gguf"
+    to_gguf = _corral("export", "--model", str(exported), "--format", "gguf", "--output", str(gguf))
+    assert to_gguf.returncode == 0, to_gguf.stderr[-3000:]
+    [ids] = llama_cpp_call(gguf, "tokenize", texts=["a<think>b</think>"], special=True)
+    assert ids[1::2] == [old, old + 1]
 
     # chat and serve's loader: the base grows before the adapter attaches
     capsys.readouterr()
