@@ -165,22 +165,21 @@ def _check_prompt_learning(config: CorralConfig) -> list[str]:
 
 
 def _check_new_tokens(config: CorralConfig) -> list[str]:
-    tokens, model = config.model.new_special_tokens, config.model
-    keys = [
-        k for k, on in (("new_special_tokens", tokens), ("resize_vocab", model.resize_vocab)) if on
-    ]
-    if not keys:
+    model = config.model
+    tokens = model.new_special_tokens
+    if not tokens and not model.resize_vocab:
         return []
+    key = "new_special_tokens" if tokens else "resize_vocab"
     problems = []
     kind = config.method.finetuning_type
     if kind in ("prefix", "prompt"):
         problems.append(
-            f"{keys[0]} with finetuning_type: {kind}: virtual tokens are all that trains, so "
+            f"{key} with finetuning_type: {kind}: virtual tokens are all that trains, so "
             "new embedding rows would stay at their starting values; use lora or full"
         )
     if model.model_name_or_path.lower().endswith(".gguf"):
         problems.append(
-            f"{keys[0]}: '{model.model_name_or_path}' is a GGUF file; add tokens to the Hugging "
+            f"{key}: '{model.model_name_or_path}' is a GGUF file; add tokens to the Hugging "
             "Face model folder it was made from"
         )
     repeated = sorted({t for t in tokens or [] if tokens.count(t) > 1})
