@@ -6,7 +6,7 @@ stderr, not a dead test run (a segfault takes its whole process down, pytest inc
 
 Operations: "greedy" (n greedy tokens per prompt, EOS does not stop it), "logits" (every
 position's logits for `tokens`, computed with an f32 KV cache, as llama.cpp's default f16 one
-rounds), "tokenize" (each text's ids without BOS).
+rounds), "tokenize" (each text's ids without BOS; special=true parses special tokens).
 """
 
 from __future__ import annotations
@@ -67,7 +67,11 @@ def _run(request: dict) -> Any:
             llm.eval(request["tokens"])
             return llm.scores[: len(request["tokens"])].tolist()
         if op == "tokenize":
-            return [llm.tokenize(text.encode(), add_bos=False) for text in request["texts"]]
+            special = request.get("special", False)  # parse special tokens written in the text
+            return [
+                llm.tokenize(text.encode(), add_bos=False, special=special)
+                for text in request["texts"]
+            ]
         raise ValueError(f"unknown operation {op!r}")
     finally:
         llm.close()

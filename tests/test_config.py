@@ -226,7 +226,7 @@ def test_replace_revalidates():
     ("override", "named"),
     [
         ("ref_model_quantization_bit=4", "quantised reference"),
-        ("new_special_tokens=<a>,<b>", "adding a list of tokens"),
+        ("add_tokens=<a>,<b>", "special tokens only"),
         ("use_galore=true", "AdamW"),
         ("galore_rank=16", "AdamW"),
         ("adam_beta2=0.95", "AdamW"),

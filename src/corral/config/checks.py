@@ -36,6 +36,7 @@ def check_config(config: CorralConfig) -> None:
         _check_quantization,
         _check_pissa,
         _check_prompt_learning,
+        _check_new_tokens,
         _note_other_stage_keys,
         _check_preference,
         _check_packing_and_eval,
@@ -160,6 +161,30 @@ def _check_prompt_learning(config: CorralConfig) -> list[str]:
         )
     if kind == "prompt" and method.prefix_projection:
         problems.append("prefix_projection needs finetuning_type: prefix (prompt has no MLP)")
+    return problems
+
+
+def _check_new_tokens(config: CorralConfig) -> list[str]:
+    model = config.model
+    tokens = model.new_special_tokens
+    if not tokens and not model.resize_vocab:
+        return []
+    key = "new_special_tokens" if tokens else "resize_vocab"
+    problems = []
+    kind = config.method.finetuning_type
+    if kind in ("prefix", "prompt"):
+        problems.append(
+            f"{key} with finetuning_type: {kind}: virtual tokens are all that trains, so "
+            "new embedding rows would stay at their starting values; use lora or full"
+        )
+    if model.model_name_or_path.lower().endswith(".gguf"):
+        problems.append(
+            f"{key}: '{model.model_name_or_path}' is a GGUF file; add tokens to the Hugging "
+            "Face model folder it was made from"
+        )
+    repeated = sorted({t for t in tokens or [] if tokens.count(t) > 1})
+    if repeated:
+        problems.append(f"new_special_tokens: {', '.join(repeated)} listed more than once")
     return problems
 
 

@@ -119,6 +119,22 @@ class ModelConfig:
     double_quantization: bool = opt(
         True, "4-bit: quantise the quantisation constants too (about 0.4 bits per weight less)."
     )
+    new_special_tokens: list[str] | None = opt(
+        None,
+        "Special tokens to add to the tokenizer (comma-separated, e.g. <think>,</think>): never "
+        "split, one id each. The embeddings (and LM head) grow by one row per new token, started "
+        "from the mean of the rows of the pieces its text split into; lora trains those modules "
+        "in full (modules_to_save), freeze trains them too. Tokens already in the vocabulary "
+        "are not added again. Implies resize_vocab.",
+    )
+    resize_vocab: bool = opt(
+        False,
+        "Grow the embeddings (and LM head) to the tokenizer's length when it has more tokens "
+        "than the model has rows (new rows: the mean of their pieces' rows), and train them "
+        "(lora: embed_tokens and lm_head in modules_to_save unless additional_target is set). "
+        "Always on with new_special_tokens; an adapter folder whose saved tokenizer grew is "
+        "resized when loaded either way.",
+    )
 
 
 @dataclass

@@ -134,8 +134,8 @@ _DISTRIBUTED = (
     "or torchrun, and shard with the deepspeed or fsdp/fsdp_config keys"
 )
 _VOCAB = (
-    "adding a list of tokens is not built yet; to learn new tokens from a corpus (with their "
-    "embeddings initialised), run corral vocab extend and train the folder it writes"
+    "corral adds tokens as special tokens only (new_special_tokens: one id each, never split); "
+    "to learn new tokens from a corpus, run corral vocab extend and train the folder it writes"
 )
 _OPTIMIZER = "corral trains with AdamW (or `optim`) and its own settings"
 _GENERATION = "corral decodes greedily or by sampling (temperature, top_p, top_k)"
@@ -158,11 +158,8 @@ REFUSED_KEYS = {
     "infer_backend": "corral chat and eval use transformers; serve other backends with "
     "`corral serve --backend llamacpp|vllm`",
     # vocabulary
-    "resize_vocab": _VOCAB,
     "split_special_tokens": _VOCAB,
     "add_tokens": _VOCAB,
-    "add_special_tokens": _VOCAB,
-    "new_special_tokens": _VOCAB,
     # quantisation and distributed training
     "quantization_device_map": "corral places the quantised model on one device (device)",
     "ref_model_quantization_bit": _QLORA,

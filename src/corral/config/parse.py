@@ -144,6 +144,8 @@ _ALIASES = {
     "use_liger_kernel": lambda v: {"fused_ops": True} if _to_bool_loose(v) else {},
     "use_cpu": lambda v: {"device": "cpu"} if _to_bool_loose(v) else {},
     "activation_checkpointing": lambda v: {"gradient_checkpointing": v},
+    # LLaMA-Factory 0.9.4 renamed new_special_tokens to add_special_tokens
+    "add_special_tokens": lambda v: {"new_special_tokens": v},
     # stage: orpo / simpo are dpo with that reference-free loss
     "stage": lambda v: {"stage": "dpo", "pref_loss": v} if v in STAGE_SHORTHANDS else {"stage": v},
 }
@@ -200,6 +202,9 @@ def _convert(key: str, value: Any, f: dataclasses.Field, problems: list[str]) ->
             return None
         problems.append(f"{key}: a value is required ({f.metadata['help']})")
         return _INVALID
+    if key in _NO_EMPTY_ITEMS and _has_empty_item(value):
+        problems.append(f"{key}: {value!r} has an empty token; separate tokens with one comma")
+        return _INVALID
     try:
         converted = _coerce(base, value)
     except (TypeError, ValueError):
@@ -210,6 +215,16 @@ def _convert(key: str, value: Any, f: dataclasses.Field, problems: list[str]) ->
         problems.append(problem)
         return _INVALID
     return converted
+
+
+# Lists where an empty item ('a,,b') is a typo, not a trailing comma to ignore.
+_NO_EMPTY_ITEMS = ("new_special_tokens",)
+
+
+def _has_empty_item(value: Any) -> bool:
+    items = value.split(",") if isinstance(value, str) else value
+    items = items if isinstance(items, list | tuple) else [items]
+    return any(isinstance(x, str) and not x.strip() for x in items)
 
 
 def _coerce(base: str, value: Any) -> Any:

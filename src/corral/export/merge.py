@@ -33,6 +33,7 @@ from corral.model.prompt_learning import is_prompt_adapter
 from corral.model.quantize import RUN_INFO_KEY as QUANTIZATION_KEY
 from corral.model.quantize import describe
 from corral.model.reward import wants_value_head
+from corral.model.tokens import fit_embeddings
 from corral.utils.errors import CorralError, ExportError
 from corral.utils.log import get_logger
 
@@ -106,6 +107,7 @@ def load_merged(model_config: ModelConfig) -> MergedModel:
     )
     if adapters:  # the tokenizer saved beside the adapter (with its trained template) wins
         tokenizer = load_tokenizer(config)
+        fit_embeddings(model, tokenizer)  # rows for the tokens an adapter trained with added
     template = _template(config.template, tokenizer)
     probes = probe_ids(tokenizer, template)
     worst = 0.0

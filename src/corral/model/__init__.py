@@ -7,6 +7,8 @@
 - `artifacts.py`: `corral_run.json`, the note every output folder carries about its base model
   and chat template, so later commands never ask for them again.
 - `adapters.py`: what gets trained (full / freeze / LoRA).
+- `tokens.py`: new tokens (`new_special_tokens`, `resize_vocab`, `corral vocab extend`): the
+  embedding and LM head rows grown, each from the mean of its pieces' old rows.
 
 Nothing here imports torch at module level.
 """

@@ -10,6 +10,7 @@ unquantised parts (norms, embeddings, LM head) stay in the loaded dtype, as auto
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from corral.config.fields import MethodConfig
@@ -22,11 +23,18 @@ from corral.model.prompt_learning import (
 )
 from corral.model.quantize import is_quantized
 from corral.model.reward import SCORE_HEAD, has_value_head, reward_folder_problem
+from corral.model.tokens import embedding_module_names, ties_embeddings
 from corral.utils.errors import ConfigError, ModelError
 from corral.utils.log import get_logger
 
 
-def apply_method(model: Any, method: MethodConfig, adapters: list[str] | None = None) -> Any:
+def apply_method(
+    model: Any,
+    method: MethodConfig,
+    adapters: list[str] | None = None,
+    *,
+    train_embeddings: bool = False,
+) -> Any:
     """Make the right parameters trainable and return the model to train.
 
     Args:
@@ -35,6 +43,9 @@ def apply_method(model: Any, method: MethodConfig, adapters: list[str] | None = 
         adapters: existing adapter folders; with LoRA all but the last are merged into the base
             and the last one continues training (`adapters_to_merge`); with full/freeze they are
             all merged.
+        train_embeddings: the vocabulary grew (new_special_tokens, resize_vocab): a new LoRA
+            adapter trains the embedding and LM head modules in full (modules_to_save) unless
+            additional_target names its own, and freeze trains them with its chosen layers.
 
     Returns:
         The model to train (a `PeftModel` for LoRA). A value head is always trained: under
@@ -52,11 +63,18 @@ def apply_method(model: Any, method: MethodConfig, adapters: list[str] | None = 
         model = merge_adapters(model, merged)
         adapters = [resumed] if resumed else None
     if method.finetuning_type == "lora":
-        model = _attach_lora(model, method, adapters[0] if adapters else None)
+        saved = _modules_to_save(model, method, train_embeddings)
+        model = _attach_lora(model, method, adapters[0] if adapters else None, saved)
+        if train_embeddings:
+            _skip_base_embeddings_on_save(model)
     elif method.finetuning_type in PROMPT_METHODS:
         model = attach_prompt_learning(model, method, adapters[0] if adapters else None)
     elif method.finetuning_type == "freeze":
         head = [f"{SCORE_HEAD}."] if value_head else []
+        if train_embeddings:
+            embeddings = embedding_module_names(model)
+            get_logger().info(f"new tokens: freeze trains {', '.join(embeddings)} too")
+            head += [f"{name}." for name in embeddings]
         _freeze_all_but(model, _freeze_trainable_names(model, method) + head)
     else:
         model.requires_grad_(True)
@@ -124,7 +142,40 @@ def lora_target_modules(model: Any, targets: list[str]) -> list[str] | str:
     return targets
 
 
-def _attach_lora(model: Any, method: MethodConfig, resume_adapter: str | None) -> Any:
+def _modules_to_save(model: Any, method: MethodConfig, train_embeddings: bool) -> list[str] | None:
+    """additional_target, or with a grown vocabulary and none given, the embedding modules
+    (LLaMA-Factory's rule for resize_vocab): LoRA alone cannot move the new rows."""
+    if not train_embeddings:
+        return method.additional_target
+    embeddings = embedding_module_names(model)
+    if method.additional_target is None:
+        get_logger().info(
+            f"new tokens: training {', '.join(embeddings)} in full next to LoRA (modules_to_save)"
+        )
+        return embeddings
+    missing = [name for name in embeddings if name not in method.additional_target]
+    if missing:
+        get_logger().warning(
+            f"additional_target leaves out {', '.join(missing)}: the new tokens' rows there "
+            "keep their starting values"
+        )
+    return method.additional_target
+
+
+def _skip_base_embeddings_on_save(model: Any) -> None:
+    """Save the adapter without peft's extra copies of the grown base embeddings.
+
+    Seeing the vocabulary grew, peft would save the base's embedding and LM head beside the
+    trained copies (modules_to_save): twice their size again, for rows that loading recomputes
+    exactly (`corral.model.tokens.fit_embeddings` grows the base to the saved tokenizer).
+    """
+    save = model.save_pretrained
+    model.save_pretrained = functools.partial(save, save_embedding_layers=False)
+
+
+def _attach_lora(
+    model: Any, method: MethodConfig, resume_adapter: str | None, modules_to_save: list[str] | None
+) -> Any:
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if resume_adapter:
@@ -136,10 +187,13 @@ def _attach_lora(model: Any, method: MethodConfig, resume_adapter: str | None) -
         lora_alpha=method.lora_alpha,
         lora_dropout=method.lora_dropout,
         target_modules=lora_target_modules(model, method.lora_target),
-        modules_to_save=method.additional_target,
+        modules_to_save=modules_to_save,
         use_dora=method.use_dora,
         use_rslora=method.use_rslora,
         init_lora_weights=_lora_init(method),
+        # a trained copy of tied embeddings must stay the LM head too (peft ties the copies)
+        ensure_weight_tying=ties_embeddings(model)
+        and bool(set(modules_to_save or []) & set(embedding_module_names(model))),
     )
     return get_peft_model(model, config)
 

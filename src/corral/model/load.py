@@ -36,6 +36,7 @@ from corral.model.prompt_learning import (
 from corral.model.quantize import quantization_kwargs
 from corral.model.reward import prepare_value_head, wants_value_head
 from corral.model.rope import recorded_rope, rope_overrides
+from corral.model.tokens import add_new_special_tokens, fit_embeddings
 from corral.utils.errors import MissingDependencyError, ModelError
 from corral.utils.log import get_logger, quiet_libraries
 from corral.utils.suggest import did_you_mean
@@ -305,7 +306,8 @@ def check_adapter_folders(adapters: list[str]) -> None:
 
 
 def load_tokenizer(source_or_config: ModelSource | ModelConfig | str) -> Any:
-    """The tokenizer of a model, or of a config's last adapter when it saved one.
+    """The tokenizer of a model, or of a config's last adapter when it saved one (with a
+    config's new_special_tokens added).
 
     Args:
         source_or_config: a `ModelSource`, a `ModelConfig` or a `model_name_or_path` string.
@@ -314,14 +316,20 @@ def load_tokenizer(source_or_config: ModelSource | ModelConfig | str) -> Any:
         ModelError: when the model cannot be found or read.
     """
     quiet_libraries()
-    trust = False
     if isinstance(source_or_config, ModelConfig):
         config = resolve_base_for_adapters(source_or_config)
         saved = _adapter_tokenizer_dir(config.adapter_name_or_path)
         if saved is not None:
-            return _from_pretrained("AutoTokenizer", saved, config.trust_remote_code)
-        source_or_config, trust = config.model_name_or_path, config.trust_remote_code
-    source = source_or_config
+            tokenizer = _from_pretrained("AutoTokenizer", saved, config.trust_remote_code)
+        else:
+            tokenizer = _base_tokenizer(config.model_name_or_path, config.trust_remote_code)
+        if config.new_special_tokens:
+            add_new_special_tokens(tokenizer, config.new_special_tokens)
+        return tokenizer
+    return _base_tokenizer(source_or_config)
+
+
+def _base_tokenizer(source: ModelSource | str, trust: bool = False) -> Any:
     if isinstance(source, str):
         source = resolve_model(source)
     if source.kind == "gguf":
@@ -412,6 +420,7 @@ def load_model(
         tokenizer = _from_pretrained("AutoTokenizer", saved, config.trust_remote_code)
     elif tokenizer is None:
         tokenizer = load_tokenizer(source)
+    _fit_vocabulary(model, tokenizer, config, grown_by_adapter=saved is not None)
     if value_head:
         prepare_value_head(model, tokenizer, new_head=new_head)
     if not for_training and quantized:
@@ -419,6 +428,28 @@ def load_model(
     elif not for_training:  # a last prefix/prompt adapter stays attached: no weights to merge
         model = merge_adapters(model, adapters, source, keep_last_prompt=True)
     return model.eval(), tokenizer
+
+
+def _fit_vocabulary(
+    model: Any, tokenizer: Any, config: ModelConfig, *, grown_by_adapter: bool
+) -> None:
+    """Add new_special_tokens, then give the model a row per token (see `corral.model.tokens`).
+
+    Before any adapter is attached: an adapter trained with new tokens saved the grown
+    tokenizer and embedding rows (modules_to_save) that only fit a grown base.
+    """
+    if config.new_special_tokens:
+        add_new_special_tokens(tokenizer, config.new_special_tokens)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        if config.resize_vocab:
+            get_logger().info(
+                f"resize_vocab: the model has {rows:,} embedding rows for the tokenizer's "
+                f"{len(tokenizer):,} tokens; nothing to resize"
+            )
+        return
+    if config.new_special_tokens or config.resize_vocab or grown_by_adapter:
+        fit_embeddings(model, tokenizer)
 
 
 def _attach_unmerged(model: Any, adapters: list[str], source: ModelSource) -> Any:

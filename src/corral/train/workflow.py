@@ -159,7 +159,12 @@ def _model_and_template(config: CorralConfig, stage: Any) -> tuple[Any, Any, Any
 def _trainable(config: CorralConfig, model: Any, model_config: Any) -> tuple[Any, str | None]:
     """The model with the fine-tuning method applied, and where PiSSA's starting adapter was
     saved (None without PiSSA)."""
-    model = apply_method(model, config.method, model_config.adapter_name_or_path)
+    model = apply_method(
+        model,
+        config.method,
+        model_config.adapter_name_or_path,
+        train_embeddings=bool(model_config.new_special_tokens) or model_config.resize_vocab,
+    )
     pissa_start = None
     if config.method.pissa_init:  # removed after the final save, which is converted from it
         pissa_start = str(Path(config.output.output_dir) / PISSA_START)

@@ -10,22 +10,13 @@ tokenises as before, and every new token is reachable from the old tokens it joi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
+from corral.model.tokens import NewTokens
 from corral.utils.errors import DataError
 
 # old id -> chr(_ALPHABET_START + id): clear of the surrogates, room for 0.9M ids
 _ALPHABET_START = 0x20000
-
-
-@dataclass
-class NewTokens:
-    """Tokens appended to a vocabulary: their strings, ids and the old ids each one joins."""
-
-    tokens: list[str]
-    ids: list[int]
-    parts: list[list[int]]
 
 
 def is_byte_level_bpe(tokenizer_json: dict) -> bool:

@@ -16,14 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corral.utils.errors import ConfigError, DataError, ModelError
+from corral.model.tokens import MAX_VOCAB, NewTokens, grow_embeddings
+from corral.utils.errors import ConfigError, DataError
 from corral.utils.log import get_logger
-from corral.vocab.bpe import NewTokens, is_byte_level_bpe, learn_merges, old_token_words
+from corral.vocab.bpe import is_byte_level_bpe, learn_merges, old_token_words
 from corral.vocab.corpus import read_corpus
 from corral.vocab.spm import SPM_FILE, extend_sentencepiece, is_sentencepiece
-
-# the largest vocabulary corral writes: Gemma's 256k; beyond it embeddings dominate the model
-MAX_VOCAB = 262_144
 
 
 @dataclass
@@ -117,24 +115,3 @@ def _extend_tokenizer(
     new = learn_merges(tokenizer_json, old_token_words(backend, texts), add)
     (tmp / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
     return "byte-level BPE", new
-
-
-def grow_embeddings(model: Any, new: NewTokens) -> None:
-    """Resize the input (and untied output) embeddings for `new`; each new row is the mean of
-    the old rows of the tokens it joins, so its logit and meaning start where the old ones were."""
-    import torch
-
-    if not new.ids:
-        return
-    rows = model.get_input_embeddings().weight.shape[0]
-    model.resize_token_embeddings(max(rows, new.ids[-1] + 1), mean_resizing=False)
-    tables = [model.get_input_embeddings().weight]
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is not tables[0]:
-        tables.append(head.weight)
-    with torch.no_grad():
-        for table in tables:
-            for token_id, parts in zip(new.ids, new.parts, strict=True):
-                if not parts:
-                    raise ModelError(f"new token {token_id} has no old tokens to start from")
-                table[token_id] = table[parts].float().mean(0).to(table.dtype)

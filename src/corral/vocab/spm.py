@@ -11,8 +11,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from corral.model.tokens import NewTokens
 from corral.utils.errors import DataError
-from corral.vocab.bpe import NewTokens
 
 SPM_FILE = "tokenizer.model"
 
