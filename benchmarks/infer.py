@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -113,6 +114,8 @@ def build_systems(args) -> tuple[dict[str, Callable[[int], dict]], list[Callable
         if lf is not None:
             servers["llamafactory"] = lf
     cleanup = [server.close for server in servers.values()]
+    if gguf and not args.gguf:  # the exported file goes with the run
+        cleanup.append(lambda: shutil.rmtree(Path(gguf).parent, ignore_errors=True))
     try:
         return _load_systems(args, servers, gguf), cleanup
     except BaseException:
