@@ -66,6 +66,7 @@ def train_once(
         "logging_steps=4",
         "save_strategy=no",
         "plot_loss=false",
+        "stop_check_samples=0",  # the after-training replies are not training
         "seed=42",
         f"output_dir={output}",
         "overwrite_output_dir=true",

@@ -1,7 +1,7 @@
 """What vocabulary extension buys on Chinese text: tokens, likelihood and pt speed, before/after.
 
     python benchmarks/vocab.py                        # the default model, --add 4000
-    python benchmarks/vocab.py --add 2000 --pt-records 300 --workdir /tmp/vocab-bench
+    python benchmarks/vocab.py --add 2000 --pt-records 300 --repeats 3 --workdir /tmp/vocab-bench
     python benchmarks/vocab.py --model TINY_DIR --add 50 --pt-records 16 --corpus-records 100  # CI
 
 `alpaca_zh_demo` (1000 records) is split: the first --corpus-records records are the corpus the
@@ -16,7 +16,10 @@ and output joined) are never trained on. It prints, for the model before and aft
 - the same after one epoch of `corral train stage=pt finetuning_type=full` on the first
   --pt-records records of the corpus (the same characters, hyperparameters and seed for both
   models), and that run's throughput in characters per second of training (first to last
-  step; the corpus characters over corral's `training_seconds`).
+  step; the corpus characters over corral's `training_seconds`; median of --repeats runs,
+  interleaved);
+- the day-0 NLL per character had the new rows been drawn at random around the mean of all
+  rows (transformers' `resize_token_embeddings` default) instead of the mean of their parts.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -115,15 +119,33 @@ def train_pt(model_dir: str, pt_dir: Path, output: Path, args: argparse.Namespac
     return chars / metrics["training_seconds"]
 
 
+def _with_random_rows(model: str, extended: Path, output: Path) -> Path:
+    """The old model grown to the extended tokenizer by transformers' own resize (new rows
+    sampled around the mean of all rows), saved with the extended tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corral.model.load import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(extended)
+    weights = AutoModelForCausalLM.from_pretrained(resolve_model(model).path, dtype=torch.float32)
+    torch.manual_seed(0)
+    weights.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    weights.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    return output
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--add", type=int, default=4000)
     parser.add_argument("--corpus-records", type=int, default=900)
-    parser.add_argument("--pt-records", type=int, default=300)
+    parser.add_argument("--pt-records", type=int, default=64)
     parser.add_argument("--cutoff", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--repeats", type=int, default=2, help="pt runs per vocabulary")
     parser.add_argument(
         "--workdir", help="where the extended model and runs go (default: a temporary folder)"
     )
@@ -146,15 +168,22 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     rows = {}
     for name, model_dir in (("before", args.model), ("after", str(extended))):
         nll, tokens_per_char = nll_per_char(model_dir, held_out)
-        trained = workdir / f"pt-{name}"
-        chars_per_second = train_pt(model_dir, pt_dir, trained, args)
-        nll_pt, _ = nll_per_char(str(trained), held_out)
-        rows[name] = (tokens_per_char, nll, nll_pt, chars_per_second)
+        rows[name] = [tokens_per_char, nll]
+    speeds: dict[str, list[float]] = {"before": [], "after": []}
+    for repeat in range(args.repeats):  # interleaved: before, after, before, after, ...
+        for name, model_dir in (("before", args.model), ("after", str(extended))):
+            output = workdir / f"pt-{name}-{repeat}"
+            speeds[name].append(train_pt(model_dir, pt_dir, output, args))
+    for name in rows:
+        trained = str(workdir / f"pt-{name}-0")
+        rows[name] += [nll_per_char(trained, held_out)[0], statistics.median(speeds[name])]
+    random_rows = _with_random_rows(args.model, extended, workdir / "extended-random")
+    random_nll = nll_per_char(str(random_rows), held_out)[0]
     print(
         f"model {args.model}: {report.kind}, {report.added} tokens added from "
         f"{args.corpus_records} records; held out: the last {HELD_OUT} records; pt: "
         f"{args.pt_records} records, 1 epoch, full, cutoff {args.cutoff}, batch {args.batch}, "
-        f"lr {args.learning_rate}"
+        f"lr {args.learning_rate}; chars/s: median of {args.repeats} interleaved runs"
     )
     print("| vocabulary | tokens/char | NLL/char (nats) | NLL/char after pt | pt chars/s |")
     print("|---|---|---|---|---|")
@@ -166,6 +195,11 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         f"{after[1] - before[1]:+.3f} nats, after pt {after[2] - before[2]:+.3f} nats, "
         f"pt speed {after[3] / before[3]:.2f}x characters/s"
     )
+    print(
+        f"day 0 with the new rows drawn at random (transformers' resize default) instead of "
+        f"the mean of their parts: NLL/char {random_nll:.3f} ({random_nll - after[1]:+.3f} nats)"
+    )
+    rows["random"] = [random_nll]
     assert all(math.isfinite(v) for row in rows.values() for v in row)
 
 

@@ -217,6 +217,8 @@ def test_vocab_benchmark_reports_before_and_after(tiny_llama_dir):
         "16",
         "--cutoff",
         "128",
+        "--repeats",
+        "1",
     )
     table = _table(out)
     assert set(table) == {"before", "after"}
