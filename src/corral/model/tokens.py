@@ -5,7 +5,8 @@ extend` adds, each new embedding (and LM head) row started from the old rows it 
     fit_embeddings(model, tokenizer)                  # one row per token, new rows = sub-token means
 
 A new token's row starts as the mean of the rows of the old tokens its text splits into under
-the old tokenizer, so on day 0 it means and predicts what its spelling did.
+the old tokenizer: near what its spelling meant, far closer than a random row (continued
+training still has to teach the model to predict it; benchmarks/vocab.py measures the gap).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
     report = extend_vocabulary("default", ["data/alpaca_zh_demo.json"], add=2000, output="zh")
 
 New embedding (and LM head) rows start as the mean of the rows of the old tokens each new token
-joins, so the extended model predicts as the old one did on day 0; `stage: pt` with
-`additional_target: embed_tokens,lm_head` (or full) then trains them.
+joins: far closer to the old model than random rows, yet not as good as it on day 0 (one row
+cannot carry the probability of the sequence it replaces; benchmarks/vocab.py measures it), so
+`stage: pt` with `additional_target: embed_tokens,lm_head` (or full) then trains them.
 """
 
 from __future__ import annotations
