@@ -217,7 +217,6 @@ def _finish(config, trainer, result, meter, stage, model_config, template, data)
         metrics.update(stage.after_training(context))
     if config.eval.do_eval or config.eval.do_predict:
         metrics.update(evaluate_after_training(config, trainer, template, data.eval_records))
-    trainer.save_metrics("train", metrics, combined=False)
     if (
         config.output.plot_loss
         and plot_loss(trainer.state.log_history, config.output.output_dir, stage.plot_metrics)
@@ -226,6 +225,8 @@ def _finish(config, trainer, result, meter, stage, model_config, template, data)
         get_logger().warning(
             "plot_loss: no loss was logged (logging_steps is above the step count)"
         )
+    # last: its presence says the run finished (resume_from_checkpoint: auto refuses to rerun)
+    trainer.save_metrics("train", metrics, combined=False)
     get_logger().info(
         f"done: {config.output.output_dir} — train_loss {metrics.get('train_loss', float('nan')):.4f}, "
         f"{metrics['real_tokens_per_second']:.0f} real tokens/s, peak {metrics['peak_memory_mb']:.0f} MB"
