@@ -5,8 +5,9 @@
 POINT: `tokenise` (after the train split is written to the dataset cache's temporary folder,
 before its stats), `save` (after checkpoint-STEP's model and optimizer are written, before its
 trainer state), `step` (inside step STEP: after its forward pass, before the optimizer step),
-`final` (after training, as the final outputs are written), or `none` (run to the end). SIGKILL, as a scheduler or the OOM killer sends it: no handler,
-no cleanup, no flushing runs.
+`final` (after training, as the final outputs are written), `plot` (as the loss plot is drawn,
+after the model and state are saved), or `none` (run to the end). SIGKILL, as a scheduler or
+the OOM killer sends it: no handler, no cleanup, no flushing runs.
 """
 
 from __future__ import annotations
@@ -61,6 +62,13 @@ def _kill_at(point: str, step: int) -> None:
             _die()
 
         workflow.save_final = die_instead
+    elif point == "plot":
+        import corral.train.workflow as workflow
+
+        def die_plotting(*args, **kwargs):
+            _die()
+
+        workflow.plot_loss = die_plotting
     elif point != "none":
         raise SystemExit(f"unknown kill point {point}")
 

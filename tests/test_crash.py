@@ -203,9 +203,11 @@ def test_full_run_killed_mid_save_and_mid_step_ends_as_an_uninterrupted_run(
     args = _args(
         tiny_llama_dir, sft_file, out, "finetuning_type=full", "resume_from_checkpoint=auto"
     )
-    # the last kill leaves checkpoint-9 (= max_steps) without the final outputs: the rerun
-    # writes them and trains no step past max_steps
-    _kill_and_rerun(args, out, [("save", 3), ("step", 8), ("final", 0)], random.Random(0))
+    # the "final" kill leaves checkpoint-9 (= max_steps) without the final outputs: the rerun
+    # writes them and trains no step past max_steps; the "plot" kill leaves the model saved but
+    # no plot and no train_results.json (the finished-run marker), so the rerun finishes it
+    kills = [("save", 3), ("step", 8), ("final", 0), ("plot", 0)]
+    _kill_and_rerun(args, out, kills, random.Random(0))
     reference = tmp_path / "reference"
     run_training(
         load_config(None, _args(tiny_llama_dir, sft_file, reference, "finetuning_type=full"))
