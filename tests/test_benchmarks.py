@@ -138,20 +138,16 @@ def test_infer_benchmark_runs_every_system(tiny_llama_dir, tmp_path):
     """One round on the tiny model: raw generate, the chat engine, `corral serve` (hf and
     llamacpp, on a GGUF `corral export` writes), llama.cpp direct and eval batching all run and
     report positive numbers (no timing is asserted)."""
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "infer.py"), "--model", str(tiny_llama_dir)]
-        + ["--max-tokens", "6", "--rounds", "1", "--clients", "1,2", "--llamacpp-clients", "1"]
-        + ["--eval-prompts", "2", "--eval-batch", "2", "--json", "out.json"],
+    out = _run_benchmark(
+        "infer.py",
+        *("--model", str(tiny_llama_dir), "--max-tokens", "6", "--rounds", "1"),
+        *("--clients", "1,2", "--llamacpp-clients", "1", "--eval-prompts", "2"),
+        *("--eval-batch", "2", "--json", "out.json"),
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
-    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
-    print(done.stdout)
     rows = {
         cells[0]: cells[1:]
-        for line in done.stdout.splitlines()
+        for line in out.splitlines()
         if line.startswith("| ") and not line.startswith("| system")
         for cells in [[c.strip() for c in line.strip("|").split("|")]]
     }
@@ -162,13 +158,14 @@ def test_infer_benchmark_runs_every_system(tiny_llama_dir, tmp_path):
         assert ("-" in cells[:2]) == name.startswith("eval")  # eval rows have no TTFT/decode
     medians = json.loads((tmp_path / "out.json").read_text())["medians"]
     assert medians["eval b2"]["examples_s"] > 0 and medians["engine"]["tokens"] == 6
-    assert "engine / generate ttft:" in done.stdout
-    assert "serve-hf c2 / serve-hf c1 aggregate:" in done.stdout
+    assert "engine / generate ttft:" in out
+    assert "serve-hf c2 / serve-hf c1 aggregate:" in out
 
 
-def _run_benchmark(script: str, *args: str) -> str:
+def _run_benchmark(script: str, *args: str, cwd: Path | None = None) -> str:
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=600,
