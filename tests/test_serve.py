@@ -339,3 +339,42 @@ def test_default_model_reply_equals_chat_engine(default_model_dir):
     assert reply.choices[0].finish_reason == expected.finish_reason
     assert reply.usage.prompt_tokens == expected.prompt_tokens
     assert reply.usage.completion_tokens == expected.completion_tokens
+
+
+def test_a_cancel_that_arrives_with_a_token_still_cancels_the_reply():
+    """The server cancels a gone client's reply by cancelling the task that reads its deltas.
+    When that cancel lands in the same loop turn as a token (tokens come every few ms),
+    the reply must still stop: Python 3.11's `asyncio.wait_for` returned the token and
+    dropped the cancel, so the reply ran on for nobody (a flaky test_client_disconnect...)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from corral.infer.batching import Delta, Handle, SamplingParams
+    from corral.serve.app import _deltas
+
+    async def scenario() -> tuple[bool, int, int]:
+        app = SimpleNamespace(state=SimpleNamespace(request_timeout=60.0, abandoned=0))
+        handle, inbox = (
+            Handle([1], SamplingParams(max_tokens=2), lambda delta: None),
+            asyncio.Queue(),
+        )
+        received: list = []
+
+        async def consume() -> None:
+            async for item in _deltas(app, [handle], inbox):
+                received.append(item)
+
+        task = asyncio.ensure_future(consume())
+        for _ in range(3):
+            await asyncio.sleep(0)  # the reader now waits for a token
+        inbox.put_nowait((0, Delta("a")))
+        await asyncio.sleep(0)  # the token is handed over to the reader...
+        task.cancel()  # ...and the client's cancel comes in the same turn
+        inbox.put_nowait((0, Delta("b", "length", 2)))  # the reply would finish next
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return task.cancelled(), len(received), app.state.abandoned
+
+    cancelled, tokens_read, abandoned = asyncio.run(scenario())
+    assert cancelled and abandoned == 1
+    assert tokens_read < 2

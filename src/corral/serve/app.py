@@ -234,8 +234,11 @@ async def _deltas(app: FastAPI, handles: list, inbox: asyncio.Queue) -> AsyncIte
     try:
         while remaining:
             left = None if deadline is None else deadline - time.monotonic()
+            # not asyncio.wait_for: on Python 3.11 it returns the item and drops a cancel that
+            # arrives as the item does, so with tokens every few ms a gone client's reply ran on
             try:
-                index, item = await asyncio.wait_for(inbox.get(), left)
+                async with asyncio.timeout(left):
+                    index, item = await inbox.get()
             except TimeoutError:
                 raise RequestTimedOut(timeout) from None
             if isinstance(item, BaseException):
