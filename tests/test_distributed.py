@@ -286,3 +286,20 @@ def test_launch_flag_mistakes_are_one_clear_error(
     code = main(["train", *_args(tiny_llama_dir, qa_file, tmp_path / "out"), *flags])
     assert code == 1
     assert message in capsys.readouterr().err
+
+
+def test_a_finished_run_destroys_its_process_group(tmp_path):
+    """A run that ended well destroys torch.distributed's group itself: left to the exit,
+    gloo's threads can abort the process (SIGABRT) and torchrun calls the run failed."""
+    from corral.utils.distributed import end_process_group
+
+    end_process_group()  # no group yet: nothing to do
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        end_process_group()
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -41,7 +41,7 @@ from corral.train.trainer import (
     training_arguments,
 )
 from corral.utils.allocator import describe as describe_allocator
-from corral.utils.distributed import is_main_process, world_size
+from corral.utils.distributed import end_process_group, is_main_process, world_size
 from corral.utils.errors import CorralError
 from corral.utils.log import get_logger, quiet_libraries
 
@@ -133,6 +133,7 @@ def run_training(config: CorralConfig) -> dict[str, Any]:
     metrics = _finish(config, trainer, result, meter, stage, model_config, template, data)
     if pissa_start is not None and is_main_process():  # the saved adapter is converted
         shutil.rmtree(pissa_start)
+    end_process_group()
     return metrics
 
 
