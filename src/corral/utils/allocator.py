@@ -6,8 +6,10 @@ allocated and freed every step, sizes changing with each batch): on the default 
 2.8 GB. tcmalloc, which PyTorch's own CPU launcher (`torch.backends.xeon.run_cpu`) preloads
 too, keeps within a few percent of the live set. An allocator must be in place before the
 process starts, so `corral train` and `corral quickstart` re-execute themselves once with it
-preloaded when it is installed (Debian/Ubuntu: `apt install libtcmalloc-minimal4`; conda:
-`conda install gperftools`). `CORRAL_ALLOCATOR=system` keeps glibc's.
+preloaded when it is installed. `make install` puts Debian's copy into the virtual environment
+(`apt-get download libtcmalloc-minimal4`, unpacked into `.venv/lib`: no root needed); the system's
+(`apt install libtcmalloc-minimal4`) or conda's (`conda install gperftools`) serve as well.
+`CORRAL_ALLOCATOR=system` keeps glibc's.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ _NAMES = ("tcmalloc_minimal", "tcmalloc")
 def find_tcmalloc(environ: Mapping[str, str] = os.environ) -> str | None:
     """The tcmalloc library to preload (a conda or venv copy first, then the system's), or None.
 
-    Only looked up, never loaded: a second allocator loaded into a running process would free
-    memory the first one allocated.
+    The running interpreter's own environment (`sys.prefix`) counts as a venv even when it is not
+    activated: `.venv/bin/corral` is how the README runs corral, and `make install` puts the copy
+    there. Only looked up, never loaded: a second allocator loaded into a running process would
+    free memory the first one allocated.
     """
     if not sys.platform.startswith("linux"):
         return None
-    for prefix in (environ.get("CONDA_PREFIX"), environ.get("VIRTUAL_ENV")):
+    for prefix in (environ.get("CONDA_PREFIX"), environ.get("VIRTUAL_ENV"), sys.prefix):
         if prefix:
             found = sorted(Path(prefix, "lib").glob("libtcmalloc*.so*"))
             if found:
@@ -61,8 +65,9 @@ def preload_environment(environ: Mapping[str, str] = os.environ) -> dict[str, st
     if library is None:
         if choice == "tcmalloc":
             raise ValueError(
-                f"{ENV}=tcmalloc but no tcmalloc library is installed (Debian/Ubuntu: apt "
-                "install libtcmalloc-minimal4; conda: conda install gperftools)"
+                f"{ENV}=tcmalloc but no tcmalloc library is installed (`make tcmalloc` puts "
+                "Debian's into .venv/lib; or apt install libtcmalloc-minimal4; conda: conda "
+                "install gperftools)"
             )
         return None
     return {**environ, "LD_PRELOAD": ":".join(p for p in (library, preloaded) if p)}
@@ -75,6 +80,6 @@ def describe(environ: Mapping[str, str] = os.environ) -> str:
     if not sys.platform.startswith("linux") or environ.get(ENV) == "system":
         return "the system's malloc"
     return (
-        "glibc's malloc (install tcmalloc, e.g. apt install libtcmalloc-minimal4, for about a "
-        "third less peak memory in training)"
+        "glibc's malloc (install tcmalloc, e.g. `make tcmalloc` or apt install "
+        "libtcmalloc-minimal4, for about a third less peak memory in training)"
     )
